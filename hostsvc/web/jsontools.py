@@ -1,0 +1,52 @@
+"""JSON in and out: `tools.json_in` parses the body, `tools.json_out` encodes the result."""
+from __future__ import annotations
+
+import json
+from typing import Any, Callable, Iterable
+
+from .context import serving
+from .errors import HTTPError
+
+_encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=str)
+
+
+def json_processor() -> None:
+    """Parse the body into `request.json` (malformed JSON is a 400)."""
+    req = serving.request
+    req.json  # noqa: B018 - parses and caches, raising 400 on bad input
+
+
+def json_in(content_type: str | Iterable[str] = ("application/json", "text/javascript"),
+            force: bool = True, processor: Callable[[], None] = json_processor) -> None:
+    """Require (with `force`) and parse a JSON request body into `request.json`.
+
+    A body of another media type is a 415; an empty or malformed one a 400. Methods
+    without a body (GET, DELETE, ...) pass through untouched.
+    """
+    req = serving.request
+    if not req.process_request_body:
+        return
+    accepted = (content_type,) if isinstance(content_type, str) else tuple(content_type)
+    if req.content_type in accepted:
+        req.process_request_body = False
+        processor()
+    elif force:
+        raise HTTPError(415, "Expected an entity of content type " + ", ".join(accepted))
+
+
+def json_handler(*args: Any, **kwargs: Any) -> bytes:
+    """Call the inner handler and encode its return value."""
+    value = serving.request._json_inner_handler(*args, **kwargs)
+    return _encoder.encode(value).encode("utf-8")
+
+
+def json_out(content_type: str | None = "application/json",
+             handler: Callable[..., Any] = json_handler) -> None:
+    """Encode whatever the handler returns as JSON, and label the response so."""
+    req = serving.request
+    if req.handler is None or isinstance(req.handler, HTTPError):
+        return
+    req._json_inner_handler = req.handler
+    req.handler = handler
+    if content_type is not None:
+        serving.response.headers["Content-Type"] = content_type

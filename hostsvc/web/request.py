@@ -1,0 +1,259 @@
+"""The request object a handler sees as `web.request`.
+
+Only what every request needs is computed up front (method, paths, query string); headers,
+cookies, the query dict, the body and the client address are parsed on first use, so a
+handler that never looks at them never pays for them.
+"""
+from __future__ import annotations
+
+import json
+from functools import cached_property
+from http.cookies import CookieError, SimpleCookie
+from typing import Any, BinaryIO
+
+from .errors import HTTPError
+from .forms import UploadedFile, parse_multipart, parse_query
+from .headers import HeaderMap
+
+METHODS_WITH_BODIES = frozenset(("POST", "PUT", "PATCH"))
+FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
+JSON_TYPES = ("application/json", "text/javascript")
+DEFAULT_MAX_BODY_SIZE = 100 * 1024 * 1024
+
+
+def wsgi_to_str(value: str) -> str:
+    """WSGI carries paths as latin-1 decoded bytes; hostsvc's URLs are UTF-8."""
+    if value.isascii():
+        return value
+    try:
+        return value.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        raise HTTPError(400, "The request path is not valid percent-encoded UTF-8.") from None
+
+
+class Remote:
+    """The peer: `ip`, `port`, `name` (CherryPy's request.remote)."""
+
+    __slots__ = ("ip", "port", "name")
+
+    def __init__(self, ip: str, port: int, name: str = "") -> None:
+        self.ip, self.port, self.name = ip, port, name or ip
+
+    def __repr__(self) -> str:
+        return f"Remote({self.ip!r}, {self.port})"
+
+
+class RequestBody:
+    """The request body as a stream, bounded by Content-Length and `request.max_body_size`.
+
+    Reading past the configured maximum raises a 413, whether or not the client sent
+    a Content-Length (chunked uploads are checked as they are read).
+    """
+
+    def __init__(self, stream: BinaryIO, length: int | None, max_size: int) -> None:
+        if length is not None and max_size and length > max_size:
+            raise HTTPError(413, f"The request body is larger than {max_size} bytes.")
+        self.fp = stream
+        self.length = length
+        self.max_size = max_size
+        self._read = 0
+        self.params: dict[str, Any] = {}
+
+    def _budget(self, size: int) -> int:
+        if self.length is not None:
+            left = self.length - self._read
+            return left if size < 0 else min(size, left)
+        return size
+
+    def _account(self, data: bytes) -> bytes:
+        self._read += len(data)
+        if self.max_size and self._read > self.max_size:
+            raise HTTPError(413, f"The request body is larger than {self.max_size} bytes.")
+        return data
+
+    def read(self, size: int = -1) -> bytes:
+        size = self._budget(size)
+        if size == 0:
+            return b""
+        if size < 0:
+            chunks = []
+            while True:
+                chunk = self._account(self.fp.read(65536))
+                if not chunk:
+                    return b"".join(chunks)
+                chunks.append(chunk)
+        return self._account(self.fp.read(size))
+
+    def readline(self, size: int = -1) -> bytes:
+        size = self._budget(size)
+        if size == 0:
+            return b""
+        return self._account(self.fp.readline(size) if size > 0 else self.fp.readline())
+
+    def __iter__(self):
+        while True:
+            line = self.readline()
+            if not line:
+                return
+            yield line
+
+
+class Request:
+    """One HTTP request, as the framework and handlers see it."""
+
+    def __init__(self, environ: dict[str, Any], app: Any = None) -> None:
+        self.wsgi_environ = environ
+        self.app = app
+        self.method: str = environ["REQUEST_METHOD"]
+        self.script_name: str = wsgi_to_str(environ.get("SCRIPT_NAME", ""))
+        self.path_info: str = wsgi_to_str(environ.get("PATH_INFO", "") or "/")
+        self.query_string: str = environ.get("QUERY_STRING", "")
+        self.config: dict[str, Any] = {}
+        self.handler: Any = None
+        self.is_index: bool | None = None
+        self.login: str | None = None
+        self.session: Any = None
+        self.params: dict[str, Any] = {}
+        self.form: dict[str, Any] = {}
+        self.files: dict[str, UploadedFile] = {}
+        self.process_request_body: bool = self.method in METHODS_WITH_BODIES
+
+    # -- parsed on demand -------------------------------------------------------------
+    @cached_property
+    def headers(self) -> HeaderMap:
+        env = self.wsgi_environ
+        h = HeaderMap()
+        for key, value in env.items():
+            if key.startswith("HTTP_"):
+                dict.__setitem__(h, key[5:].replace("_", "-").title(), value)
+        if "CONTENT_TYPE" in env and env["CONTENT_TYPE"]:
+            dict.__setitem__(h, "Content-Type", env["CONTENT_TYPE"])
+        if "CONTENT_LENGTH" in env and env["CONTENT_LENGTH"]:
+            dict.__setitem__(h, "Content-Length", env["CONTENT_LENGTH"])
+        return h
+
+    @cached_property
+    def query(self) -> dict[str, Any]:
+        """Query string parameters; repeated keys as lists."""
+        return parse_query(self.query_string)
+
+    @cached_property
+    def cookie(self) -> SimpleCookie:
+        """Request cookies as CherryPy exposes them: `request.cookie["sid"].value`."""
+        jar: SimpleCookie = SimpleCookie()
+        raw = self.wsgi_environ.get("HTTP_COOKIE")
+        if raw:
+            try:
+                jar.load(raw)
+            except CookieError:
+                # One malformed cookie must not hide the others.
+                for piece in raw.split(";"):
+                    try:
+                        jar.load(piece)
+                    except CookieError:
+                        pass
+        return jar
+
+    @cached_property
+    def cookies(self) -> dict[str, str]:
+        """Request cookies as a plain {name: value} dict."""
+        return {k: m.value for k, m in self.cookie.items()}
+
+    @cached_property
+    def scheme(self) -> str:
+        return self.wsgi_environ.get("wsgi.url_scheme", "http")
+
+    @cached_property
+    def protocol(self) -> tuple[int, int]:
+        proto = self.wsgi_environ.get("SERVER_PROTOCOL", "HTTP/1.1")
+        try:
+            major, minor = proto.split("/", 1)[1].split(".", 1)
+            return int(major), int(minor)
+        except (IndexError, ValueError):
+            return (1, 1)
+
+    @cached_property
+    def base(self) -> str:
+        """scheme://host[:port] the client used (tools.proxy may rewrite it)."""
+        env = self.wsgi_environ
+        host = env.get("HTTP_HOST")
+        if not host:
+            host = env.get("SERVER_NAME", "localhost")
+            port = env.get("SERVER_PORT", "")
+            if port and port != ("443" if self.scheme == "https" else "80"):
+                host = f"{host}:{port}"
+        return f"{self.scheme}://{host}"
+
+    @cached_property
+    def remote(self) -> Remote:
+        env = self.wsgi_environ
+        try:
+            port = int(env.get("REMOTE_PORT") or 0)
+        except ValueError:
+            port = 0
+        return Remote(env.get("REMOTE_ADDR") or "", port, env.get("REMOTE_HOST", ""))
+
+    @property
+    def max_body_size(self) -> int:
+        return int(self.config.get("request.max_body_size", DEFAULT_MAX_BODY_SIZE) or 0)
+
+    @property
+    def content_type(self) -> str:
+        """The media type of the body, lower-cased, without parameters."""
+        return self.wsgi_environ.get("CONTENT_TYPE", "").split(";", 1)[0].strip().lower()
+
+    @cached_property
+    def body(self) -> RequestBody:
+        env = self.wsgi_environ
+        raw_len = env.get("CONTENT_LENGTH")
+        length: int | None
+        if raw_len:
+            try:
+                length = int(raw_len)
+            except ValueError:
+                raise HTTPError(400, "Malformed Content-Length header.") from None
+            if length < 0:
+                raise HTTPError(400, "Malformed Content-Length header.")
+        elif env.get("HTTP_TRANSFER_ENCODING", "").lower() == "chunked":
+            length = None
+        else:
+            length = 0
+        return RequestBody(env["wsgi.input"], length, self.max_body_size)
+
+    @cached_property
+    def json(self) -> Any:
+        """The body decoded as JSON (400 when it is not valid JSON)."""
+        raw = self.body.read()
+        if not raw:
+            raise HTTPError(400, "Expected a JSON body, got an empty one.")
+        try:
+            return json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise HTTPError(400, f"Invalid JSON document: {exc}") from None
+
+    # -- body processing --------------------------------------------------------------
+    def process_body(self) -> None:
+        """Parse a form body (urlencoded or multipart) into `form`, `files` and `params`.
+
+        Other media types are left unread on `request.body` for the handler or a tool.
+        """
+        ctype = self.content_type
+        if ctype == "application/x-www-form-urlencoded":
+            raw = self.body.read()
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise HTTPError(400, "The form body is not valid UTF-8.") from None
+            self.form = parse_query(text)
+        elif ctype == "multipart/form-data":
+            body = self.body
+            length = body.length if body.length is not None else -1
+            self.form, self.files = parse_multipart(
+                body, self.wsgi_environ.get("CONTENT_TYPE", ""), length, body.max_size
+                or DEFAULT_MAX_BODY_SIZE)
+        else:
+            return
+        self.body.params = self.form
+
+    def __repr__(self) -> str:
+        return f"<Request {self.method} {self.script_name}{self.path_info}>"

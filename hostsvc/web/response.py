@@ -1,0 +1,141 @@
+"""The response a handler shapes through `web.response`, and its conversion to WSGI."""
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from http.cookies import SimpleCookie
+from types import GeneratorType
+from typing import Any, Iterable, Iterator
+
+from .errors import status_line
+from .headers import HeaderMap
+
+DEFAULT_CONTENT_TYPE = "text/html;charset=utf-8"
+
+
+def _encode_chunks(chunks: Iterable[Any], encoding: str) -> Iterator[bytes]:
+    for chunk in chunks:
+        if isinstance(chunk, str):
+            yield chunk.encode(encoding)
+        elif chunk:
+            yield bytes(chunk)
+
+
+class Response:
+    """Status, headers, cookies and body of the response being built."""
+
+    def __init__(self) -> None:
+        self.status: int | str = 200
+        self.headers = HeaderMap()
+        dict.__setitem__(self.headers, "Content-Type", DEFAULT_CONTENT_TYPE)
+        self.body: Any = None
+        self.stream = False
+
+    @cached_property
+    def cookie(self) -> SimpleCookie:
+        """Cookies to set: `response.cookie["sid"] = "x"; response.cookie["sid"]["path"] = "/"`."""
+        return SimpleCookie()
+
+    def collapse_body(self, encoding: str = "utf-8") -> bytes:
+        """Read the whole body into bytes (for tools that must see all of it, like gzip)."""
+        body = self.body
+        if body is None:
+            data = b""
+        elif isinstance(body, bytes):
+            data = body
+        elif isinstance(body, str):
+            data = body.encode(encoding)
+        elif hasattr(body, "read"):
+            try:
+                data = body.read()
+            finally:
+                getattr(body, "close", lambda: None)()
+        else:
+            data = b"".join(_encode_chunks(body, encoding))
+        self.body = data
+        return data
+
+    def finalize(self, environ: dict[str, Any], encoding: str = "utf-8"
+                 ) -> tuple[str, list[tuple[str, str]], Iterable[bytes]]:
+        """The WSGI status line, header list and body iterable for this response."""
+        status = self.status
+        if status == 200:
+            line = "200 OK"
+        else:
+            line = status_line(status)[1]
+        headers = self.headers
+        body = self.body
+        out: Iterable[bytes]
+        if body is None:
+            out = (b"",)
+            headers["Content-Length"] = "0"
+        elif isinstance(body, bytes):
+            out = (body,)
+            headers["Content-Length"] = str(len(body))
+        elif isinstance(body, str):
+            data = body.encode(encoding)
+            out = (data,)
+            headers["Content-Length"] = str(len(data))
+        elif hasattr(body, "read"):
+            out = self._file_body(body, environ)
+        elif isinstance(body, (list, tuple)):
+            data = b"".join(_encode_chunks(body, encoding))
+            out = (data,)
+            headers["Content-Length"] = str(len(data))
+        else:
+            # Generators and other iterables stream: no Content-Length, nothing buffered.
+            out = _encode_chunks(body, encoding) if not isinstance(body, GeneratorType) \
+                else _GeneratorBody(body, encoding)
+        header_list = list(headers.items())
+        if "cookie" in self.__dict__:
+            for morsel in self.cookie.values():
+                header_list.append(("Set-Cookie", morsel.OutputString()))
+        code = line[:3]
+        if code in ("204", "304") or code[0] == "1":
+            header_list = [(k, v) for k, v in header_list if k != "Content-Length"]
+            if code == "304":
+                header_list = [(k, v) for k, v in header_list if k != "Content-Type"]
+            out = (b"",)
+        return line, header_list, out
+
+    def _file_body(self, fileobj: Any, environ: dict[str, Any]) -> Iterable[bytes]:
+        headers = self.headers
+        if "Content-Length" not in headers:
+            try:
+                st = os.fstat(fileobj.fileno())
+                headers["Content-Length"] = str(st.st_size - fileobj.tell())
+            except (AttributeError, OSError, ValueError):
+                pass
+        wrapper = environ.get("wsgi.file_wrapper")
+        if wrapper is not None:
+            return wrapper(fileobj, 65536)
+        return _FileIter(fileobj)
+
+
+class _FileIter:
+    def __init__(self, fileobj: Any) -> None:
+        self.fileobj = fileobj
+
+    def __iter__(self) -> Iterator[bytes]:
+        while True:
+            chunk = self.fileobj.read(65536)
+            if not chunk:
+                return
+            yield chunk
+
+    def close(self) -> None:
+        self.fileobj.close()
+
+
+class _GeneratorBody:
+    """Streams a handler's generator and closes it when the server is done with it."""
+
+    def __init__(self, gen: GeneratorType, encoding: str) -> None:
+        self.gen = gen
+        self.encoding = encoding
+
+    def __iter__(self) -> Iterator[bytes]:
+        return _encode_chunks(self.gen, self.encoding)
+
+    def close(self) -> None:
+        self.gen.close()
