@@ -1,0 +1,1 @@
+"""Shared pytest setup: puts tests/ on sys.path so `support.*` helpers import."""
