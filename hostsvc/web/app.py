@@ -132,6 +132,8 @@ class Application:
     def _respond(self, req: Request, resp: Response) -> None:
         try:
             try:
+                if not req.valid_path:
+                    raise HTTPError(400, "The request path is not valid percent-encoded UTF-8.")
                 if req.query_string:
                     req.params = dict(req.query)
                 path = req.path_info

@@ -21,14 +21,17 @@ JSON_TYPES = ("application/json", "text/javascript")
 DEFAULT_MAX_BODY_SIZE = 100 * 1024 * 1024
 
 
-def wsgi_to_str(value: str) -> str:
-    """WSGI carries paths as latin-1 decoded bytes; hostsvc's URLs are UTF-8."""
+def wsgi_to_str(value: str) -> str | None:
+    """WSGI carries paths as latin-1 decoded bytes; hostsvc's URLs are UTF-8.
+
+    None when the bytes are not UTF-8: the application answers 400 for that.
+    """
     if value.isascii():
         return value
     try:
         return value.encode("latin-1").decode("utf-8")
     except UnicodeError:
-        raise HTTPError(400, "The request path is not valid percent-encoded UTF-8.") from None
+        return None
 
 
 class Remote:
@@ -105,8 +108,11 @@ class Request:
         self.wsgi_environ = environ
         self.app = app
         self.method: str = environ["REQUEST_METHOD"]
-        self.script_name: str = wsgi_to_str(environ.get("SCRIPT_NAME", ""))
-        self.path_info: str = wsgi_to_str(environ.get("PATH_INFO", "") or "/")
+        script_name = wsgi_to_str(environ.get("SCRIPT_NAME", ""))
+        path_info = wsgi_to_str(environ.get("PATH_INFO", "") or "/")
+        self.valid_path = script_name is not None and path_info is not None
+        self.script_name: str = script_name if script_name is not None else ""
+        self.path_info: str = path_info if path_info is not None else "/"
         self.query_string: str = environ.get("QUERY_STRING", "")
         self.config: dict[str, Any] = {}
         self.handler: Any = None
@@ -143,15 +149,13 @@ class Request:
         jar: SimpleCookie = SimpleCookie()
         raw = self.wsgi_environ.get("HTTP_COOKIE")
         if raw:
-            try:
-                jar.load(raw)
-            except CookieError:
-                # One malformed cookie must not hide the others.
-                for piece in raw.split(";"):
-                    try:
-                        jar.load(piece)
-                    except CookieError:
-                        pass
+            # SimpleCookie drops the whole header at the first malformed pair; load pair
+            # by pair so one bad cookie from another app on the domain hides nothing else.
+            for piece in raw.split(";"):
+                try:
+                    jar.load(piece)
+                except CookieError:
+                    pass
         return jar
 
     @cached_property

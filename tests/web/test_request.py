@@ -1,0 +1,155 @@
+"""Request parsing: query strings, forms, multipart uploads, JSON bodies, limits, cookies."""
+from __future__ import annotations
+
+import threading
+
+from hostsvc import web
+from hostsvc.web.testing import Client
+
+
+class Root:
+    @web.expose
+    def echo(self, **kw):
+        return repr(sorted((k, v if not isinstance(v, web.UploadedFile) else v.fullvalue())
+                           for k, v in kw.items()))
+
+    @web.expose
+    def upload(self, doc, title=""):
+        return f"{title}|{doc.filename}|{doc.content_type}|{doc.fullvalue().decode()}"
+
+    @web.expose
+    def info(self, **_query):
+        r = web.request
+        return "|".join([r.method, r.script_name, r.path_info, r.query_string,
+                         r.headers.get("x-custom", "-"), r.remote.ip, r.base,
+                         r.cookie["c"].value if "c" in r.cookie else "-"])
+
+    @web.expose
+    @web.tools.json_in()
+    @web.tools.json_out()
+    def json(self):
+        return {"got": web.request.json}
+
+    @web.expose
+    def raw(self):
+        return web.request.body.read()
+
+    @web.expose
+    def lazyjson(self):
+        return str(web.request.json["n"] + 1)
+
+    @web.expose
+    def slow(self, tag):
+        # Waits so that another thread's request overlaps this one.
+        barrier.wait(timeout=5)
+        return f"{tag}:{web.request.params['tag']}:{web.request.path_info}"
+
+
+barrier = threading.Barrier(2)
+client = Client(web.Application(Root(), config={"/": {"request.max_body_size": 1000}}))
+
+
+def test_query_string_repeated_keys_become_lists():
+    r = client.get("/echo?a=1&a=2&b=&c=x%20y")
+    assert r.text == repr([("a", ["1", "2"]), ("b", ""), ("c", "x y")])
+
+
+def test_urlencoded_form_merges_with_query():
+    r = client.post("/echo?a=1", form={"a": "2", "b": "3"})
+    assert r.text == repr([("a", ["1", "2"]), ("b", "3")])
+
+
+def test_multipart_upload_gives_file_objects():
+    boundary = "XyZ"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"title\"\r\n\r\nhi\r\n"
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"doc\"; filename=\"a.txt\"\r\n"
+            f"Content-Type: text/plain\r\n\r\nfile body\r\n--{boundary}--\r\n")
+    r = client.post("/upload", body=body,
+                    headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    assert r.code == 200
+    assert r.text == "hi|a.txt|text/plain|file body"
+
+
+def test_malformed_multipart_is_400():
+    r = client.post("/upload", body="--XyZ\r\ngarbage",
+                    headers={"Content-Type": "multipart/form-data; boundary=XyZ"})
+    assert r.code == 400
+    r = client.post("/upload", body="x", headers={"Content-Type": "multipart/form-data"})
+    assert r.code == 400
+    assert b"boundary" in r.body
+
+
+def test_body_over_limit_is_413():
+    r = client.post("/raw", body=b"x" * 1001, headers={"Content-Type": "application/octet-stream"})
+    assert r.code == 413
+    r = client.post("/raw", body=b"x" * 1000, headers={"Content-Type": "application/octet-stream"})
+    assert r.code == 200 and len(r.body) == 1000
+
+
+def test_chunked_body_over_limit_is_413_while_reading():
+    import io
+    r = client.request("POST", "/raw", headers={"Transfer-Encoding": "chunked",
+                                                "Content-Type": "application/octet-stream"},
+                       environ={"wsgi.input": io.BytesIO(b"y" * 5000), "CONTENT_LENGTH": ""})
+    assert r.code == 413
+    r = client.request("POST", "/raw", headers={"Transfer-Encoding": "chunked",
+                                                "Content-Type": "application/octet-stream"},
+                       environ={"wsgi.input": io.BytesIO(b"y" * 900), "CONTENT_LENGTH": ""})
+    assert r.code == 200 and r.body == b"y" * 900
+
+
+def test_bad_content_length_is_400():
+    r = client.request("POST", "/raw", body=b"abc", environ={"CONTENT_LENGTH": "x"},
+                       headers={"Content-Type": "application/octet-stream"})
+    assert r.code == 400
+
+
+def test_json_in_and_out():
+    r = client.post("/json", json={"a": [1, 2]})
+    assert r.code == 200
+    assert r.headers["Content-Type"] == "application/json"
+    assert r.json() == {"got": {"a": [1, 2]}}
+
+
+def test_json_in_rejects_malformed_and_wrong_type():
+    r = client.post("/json", body="{nope", headers={"Content-Type": "application/json"})
+    assert r.code == 400 and b"Invalid JSON" in r.body
+    r = client.post("/json", body="a=1", headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert r.code == 415
+
+
+def test_request_json_without_tool():
+    assert client.post("/lazyjson", json={"n": 41}).text == "42"
+    assert client.post("/lazyjson", body="[", headers={"Content-Type": "application/json"}).code == 400
+
+
+def test_invalid_utf8_in_query_or_path_is_400():
+    assert client.get("/echo?a=%ff%fe").code == 400
+    assert client.request("GET", "/echo", environ={"PATH_INFO": "/echo\xff"}).code == 400
+    assert client.post("/echo", body=b"a=%ff", headers={
+        "Content-Type": "application/x-www-form-urlencoded"}).code == 400
+
+
+def test_request_attributes_and_headers():
+    r = client.get("/info?q=1", headers={"X-Custom": "yes", "Cookie": "c=cookie; bad"})
+    assert r.text == "GET||/info|q=1|yes|127.0.0.1|http://testserver|cookie"
+
+
+def test_utf8_path_segments_are_decoded_once():
+    class T:
+        @web.expose
+        def default(self, *parts):
+            return "/".join(parts)
+    c = Client(web.Application(T()))
+    # %25 decodes once to a literal "%": never twice into something else.
+    assert c.get("/caf%C3%A9/100%2541").text == "café/100%41"
+
+
+def test_request_context_is_per_thread():
+    c2 = Client(web.Application(Root()))
+    results = []
+    t = threading.Thread(target=lambda: results.append(c2.get("/slow?tag=A").text))
+    t.start()
+    results.append(client.get("/slow?tag=B").text)
+    t.join(5)
+    assert sorted(results) == ["A:A:/slow", "B:B:/slow"]
