@@ -98,7 +98,7 @@ class Application:
         resp = Response()
         serving.request = req
         serving.response = resp
-        req.hooks = _EMPTY_HOOKS
+        req.hooks = _EMPTY_HOOKS.for_request()
         try:
             self._respond(req, resp)
         except BaseException:
@@ -138,10 +138,10 @@ class Application:
                     req.params = dict(req.query)
                 path = req.path_info
                 res = self._dispatcher_for(path)(self, path)
-                req.config, req.hooks = self._config_for(res.sources)
+                req.config, hooks = self._config_for(res.sources)
+                req.hooks = hooks = hooks.for_request()
                 req.is_index = res.is_index
                 req.handler = res.handler
-                hooks = req.hooks
                 hooks.run("on_start_resource")
                 hooks.run("before_request_body")
                 if req.process_request_body:

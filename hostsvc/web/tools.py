@@ -42,7 +42,9 @@ class HookMap:
 
     def __init__(self, hooks: dict[str, list[tuple[int, Callable[..., Any], dict]]] | None = None
                  ) -> None:
-        self._hooks = hooks or {}
+        # The dict may be shared with other requests (it is cached per config): `attach`
+        # copies it before the first change.
+        self._hooks = hooks if hooks is not None else {}
         self._shared = True
 
     def attach(self, point: str, callback: Callable[..., Any], priority: int = 50,
@@ -74,7 +76,8 @@ class HookMap:
         for _, callback, kwargs in entries:
             callback(**kwargs)
 
-    def copy(self) -> "HookMap":
+    def for_request(self) -> "HookMap":
+        """A view of these hooks that one request may extend without affecting others."""
         return HookMap(self._hooks)
 
 
@@ -186,5 +189,4 @@ class Toolbox:
             if tool is None:
                 raise ValueError(f"config enables unknown tool {prefix}{name}")
             tool.attach(hooks, args)
-        hooks._shared = True
         return hooks
