@@ -1,0 +1,134 @@
+"""The framework under a real gunicorn (gthread), spoken to over HTTP on loopback."""
+from __future__ import annotations
+
+import gzip
+import http.client
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server():
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "--chdir", HERE, "--bind", f"127.0.0.1:{port}",
+         "--workers", "1", "--threads", "4", "--worker-class", "gthread",
+         "--log-level", "warning", "featured_app:application"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError("gunicorn did not start: " + proc.stdout.read().decode())
+            time.sleep(0.05)
+    yield port
+    proc.terminate()
+    out, _ = proc.communicate(timeout=20)
+    assert proc.returncode == 0, out.decode()
+
+
+def request(port, method, path, body=None, headers=None):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request(method, path, body=body, headers=headers or {})
+    resp = conn.getresponse()
+    data = resp.read()
+    conn.close()
+    return resp.status, {k.lower(): v for k, v in resp.getheaders()}, data
+
+
+def test_routes_and_arguments(server):
+    status, _, body = request(server, "GET", "/")
+    assert (status, body) == (200, b"home")
+    status, _, body = request(server, "GET", "/hello?name=gunicorn")
+    assert (status, body) == (200, b"hello gunicorn")
+    status, _, body = request(server, "GET", "/users/42/orders?limit=3")
+    assert (status, body) == (200, b"orders for 42 (limit 3)")
+    assert request(server, "GET", "/nothing")[0] == 404
+    assert request(server, "GET", "/hello?bogus=1")[0] == 404
+
+
+def test_redirects(server):
+    status, headers, _ = request(server, "GET", "/docs?x=1")
+    assert status == 301 and headers["location"] == f"http://127.0.0.1:{server}/docs/?x=1"
+    status, headers, _ = request(server, "GET", "/moved")
+    assert status == 303 and headers["location"].endswith("/hello?name=moved")
+
+
+def test_rest_resource_with_json(server):
+    nid = uuid.uuid4().hex[:8]
+    status, headers, body = request(server, "PUT", f"/api/notes/{nid}", json.dumps({"text": "hi"}),
+                                    {"Content-Type": "application/json"})
+    assert status == 201 and json.loads(body) == {"id": nid}
+    assert headers["location"].endswith(f"/api/notes/{nid}")
+    status, headers, body = request(server, "GET", f"/api/notes/{nid}")
+    assert status == 200 and json.loads(body) == {"id": nid, "text": "hi"}
+    status, _, body = request(server, "GET", "/api/notes")
+    assert status == 200 and nid in json.loads(body)
+    assert headers["content-type"] == "application/json"
+    status, headers, _ = request(server, "PATCH", f"/api/notes/{nid}")
+    assert status == 405 and headers["allow"] == "GET, HEAD, PUT"
+    status, _, body = request(server, "PUT", f"/api/notes/{nid}", "{broken",
+                              {"Content-Type": "application/json"})
+    assert status == 400 and b"Invalid JSON" in body
+
+
+def test_multipart_upload_and_limit(server):
+    boundary = "b0undary"
+    payload = b"z" * 1000
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"doc\"; filename=\"z.bin\"\r\n"
+            f"Content-Type: application/octet-stream\r\n\r\n").encode() + payload + \
+        f"\r\n--{boundary}--\r\n".encode()
+    status, _, data = request(server, "POST", "/upload", body,
+                              {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    assert (status, data) == (200, b"z.bin:1000")
+    big = b"x" * (70 * 1024)
+    status, _, _ = request(server, "POST", "/upload", big,
+                           {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    assert status == 413
+
+
+def test_streaming_gzip_and_file_wrapper(server):
+    status, headers, body = request(server, "GET", "/stream?n=50", headers={"Accept-Encoding": "gzip"})
+    assert status == 200 and headers["content-encoding"] == "gzip"
+    assert gzip.decompress(body) == "".join(f"line {i}\n" for i in range(50)).encode()
+    status, headers, body = request(server, "GET", "/me")
+    with open(os.path.join(HERE, "featured_app.py"), "rb") as fh:
+        assert body == fh.read()
+    assert int(headers["content-length"]) == len(body)
+
+
+def test_crash_is_plain_500_and_worker_survives(server):
+    status, _, body = request(server, "GET", "/crash")
+    assert status == 500 and b"hidden" not in body and b"Traceback" not in body
+    assert request(server, "GET", "/")[0] == 200
+
+
+def test_proxy_tool_reads_forwarded_for(server):
+    _, _, body = request(server, "GET", "/client", headers={"X-Forwarded-For": "203.0.113.9"})
+    assert body == b"203.0.113.9"
+
+
+def test_concurrent_requests_on_threads_keep_their_own_context(server):
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda i: request(server, "GET", f"/hello?name=n{i}"), range(64)))
+    assert [r[2] for r in results] == [f"hello n{i}".encode() for i in range(64)]
