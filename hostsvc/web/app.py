@@ -38,6 +38,7 @@ class Application:
         self.config = normalize(config)
         self.toolbox = tools
         self._default_dispatcher = Dispatcher()
+        self.routes: dict[str, Resolution] = {}
         self._merged: dict[tuple, tuple[dict[str, Any], HookMap, list]] = {}
         self._merged_version = -1
         self._dispatch_sections = sorted(
@@ -49,9 +50,14 @@ class Application:
         for path, section in normalize(config).items():
             self.config.setdefault(path, {}).update(section)
         self._merged.clear()
+        self.routes.clear()
         self._dispatch_sections = sorted(
             (p for p, sect in self.config.items() if "request.dispatch" in sect),
             key=len, reverse=True)
+
+    def reset_routes(self) -> None:
+        """Forget remembered path resolutions (after changing the tree at run time)."""
+        self.routes.clear()
 
     # -- config ------------------------------------------------------------------------
     def _dispatcher_for(self, path: str) -> Callable[[Any, str], Resolution]:

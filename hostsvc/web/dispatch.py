@@ -71,16 +71,25 @@ def popargs(*names: str, handler: Any = None) -> Callable[..., Any]:
 
 
 class Resolution:
-    """What a dispatch found: the handler, its positional args, and the config sources."""
+    """What a dispatch found: the handler, its positional args, and the config sources.
 
-    __slots__ = ("handler", "vpath", "sources", "is_index")
+    `static` is true when the walk depended only on the path (no `_cp_dispatch` ran), so
+    the same path always resolves the same way and the result may be reused. A reused
+    resolution is shared between requests and must not be modified.
+    """
+
+    __slots__ = ("handler", "vpath", "sources", "is_index", "static")
 
     def __init__(self, handler: Any, vpath: list[str], sources: list[Any],
-                 is_index: bool | None) -> None:
+                 is_index: bool | None, static: bool = False) -> None:
         self.handler = handler
         self.vpath = vpath
         self.sources = sources
         self.is_index = is_index
+        self.static = static
+
+
+_ROUTE_CACHE_LIMIT = 4096
 
 
 class Dispatcher:
@@ -112,6 +121,7 @@ class Dispatcher:
         node = root
         names = fullpath[:]
         translate = self.translate
+        static = True
         while names:
             name = names[0]
             objname = name.translate(translate)
@@ -123,6 +133,7 @@ class Dispatcher:
                 if disp is not None and callable(disp) and \
                         not getattr(disp, "exposed", False) and pre_len > 1:
                     index_name = names.pop()
+                    static = False
                     subnode = disp(vpath=names)
                     names.append(index_name)
                 else:
@@ -163,11 +174,27 @@ class Dispatcher:
                 if conf:
                     sources.append(conf)
                 return Resolution(default, fullpath[fullpath_len - segleft:-1], sources,
-                                  path.endswith("/"))
+                                  path.endswith("/"), static)
             if getattr(candidate, "exposed", False):
                 return Resolution(candidate, fullpath[fullpath_len - segleft:-1], sources,
-                                  i == last)
-        return Resolution(None, [], sources, None)
+                                  i == last, static)
+        return Resolution(None, [], sources, None, static)
+
+    def resolve(self, app: Any, path: str) -> Resolution:
+        """find_handler, remembered per path while the walk depends on the path alone.
+
+        The tree's attributes are read once per path: a tree changed at run time
+        (attributes added or removed after serving began) needs `app.reset_routes()`.
+        """
+        cache = app.routes
+        res = cache.get(path)
+        if res is None:
+            res = self.find_handler(app, path)
+            if res.static:
+                if len(cache) >= _ROUTE_CACHE_LIMIT:
+                    cache.clear()
+                cache[path] = res
+        return res
 
     @staticmethod
     def _add(sources: list[Any], conf: dict[str, Any], section: str) -> None:
@@ -176,9 +203,9 @@ class Dispatcher:
             sources.append(("section", section))
 
     def __call__(self, app: Any, path: str) -> Resolution:
-        res = self.find_handler(app, path)
+        res = self.resolve(app, path)
         if res.handler is None:
-            res.handler = NotFound()
+            return Resolution(NotFound(), res.vpath, res.sources, res.is_index)
         return res
 
 
@@ -189,26 +216,28 @@ class MethodDispatcher(Dispatcher):
     method is a 405; HEAD is served by GET when the node has no HEAD.
     """
 
+    def __init__(self, translate: dict[int, Any] = _TRANSLATE) -> None:
+        super().__init__(translate)
+        self._allow: dict[type, str] = {}
+
     def __call__(self, app: Any, path: str) -> Resolution:
-        res = self.find_handler(app, path)
+        res = self.resolve(app, path)
         resource = res.handler
         if resource is None:
-            res.handler = NotFound()
-            return res
-        avail = [m for m in dir(resource) if m.isupper() and not m.startswith("_")]
-        if "GET" in avail and "HEAD" not in avail:
-            avail.append("HEAD")
-        avail.sort()
-        serving.response.headers["Allow"] = ", ".join(avail)
-        method = serving.request.method.upper()
+            return Resolution(NotFound(), res.vpath, res.sources, res.is_index)
+        allow = self._allow.get(type(resource))
+        if allow is None:
+            avail = [m for m in dir(resource) if m.isupper() and not m.startswith("_")]
+            if "GET" in avail and "HEAD" not in avail:
+                avail.append("HEAD")
+            allow = self._allow[type(resource)] = ", ".join(sorted(avail))
+        serving.response.headers["Allow"] = allow
+        method = serving.request.method
         func = getattr(resource, method, None) if method.isupper() else None
         if func is None and method == "HEAD":
             func = getattr(resource, "GET", None)
         if func is None:
-            res.handler = HTTPError(405)
-            return res
+            return Resolution(HTTPError(405), res.vpath, res.sources, res.is_index)
         conf = getattr(func, "_cp_config", None)
-        if conf:
-            res.sources.append(conf)
-        res.handler = func
-        return res
+        sources = res.sources + [conf] if conf else res.sources
+        return Resolution(func, res.vpath, sources, res.is_index)

@@ -26,13 +26,21 @@ def parse_query(qs: str, encoding: str = "utf-8") -> dict[str, Any]:
     params: dict[str, Any] = {}
     if not qs:
         return params
+    unquote = urllib.parse.unquote
     try:
-        pairs = urllib.parse.parse_qsl(qs, keep_blank_values=True, encoding=encoding,
-                                       errors="strict")
-    except (UnicodeDecodeError, ValueError):
+        for pair in qs.split("&"):
+            if not pair:
+                continue
+            key, _, value = pair.partition("=")
+            # Most query strings need no decoding at all; skip the work when so.
+            if "+" in pair:
+                key, value = key.replace("+", " "), value.replace("+", " ")
+            if "%" in pair:
+                key = unquote(key, encoding, "strict")
+                value = unquote(value, encoding, "strict")
+            add_param(params, key, value)
+    except UnicodeDecodeError:
         raise HTTPError(400, "The query string is not valid percent-encoded UTF-8.") from None
-    for k, v in pairs:
-        add_param(params, k, v)
     return params
 
 

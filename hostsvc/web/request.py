@@ -7,7 +7,7 @@ handler that never looks at them never pays for them.
 from __future__ import annotations
 
 import json
-from functools import cached_property
+from .lazy import lazy_property
 from http.cookies import CookieError, SimpleCookie
 from typing import Any, BinaryIO
 
@@ -125,7 +125,7 @@ class Request:
         self.process_request_body: bool = self.method in METHODS_WITH_BODIES
 
     # -- parsed on demand -------------------------------------------------------------
-    @cached_property
+    @lazy_property
     def headers(self) -> HeaderMap:
         env = self.wsgi_environ
         h = HeaderMap()
@@ -138,12 +138,12 @@ class Request:
             dict.__setitem__(h, "Content-Length", env["CONTENT_LENGTH"])
         return h
 
-    @cached_property
+    @lazy_property
     def query(self) -> dict[str, Any]:
         """Query string parameters; repeated keys as lists."""
         return parse_query(self.query_string)
 
-    @cached_property
+    @lazy_property
     def cookie(self) -> SimpleCookie:
         """Request cookies as CherryPy exposes them: `request.cookie["sid"].value`."""
         jar: SimpleCookie = SimpleCookie()
@@ -158,16 +158,16 @@ class Request:
                     pass
         return jar
 
-    @cached_property
+    @lazy_property
     def cookies(self) -> dict[str, str]:
         """Request cookies as a plain {name: value} dict."""
         return {k: m.value for k, m in self.cookie.items()}
 
-    @cached_property
+    @lazy_property
     def scheme(self) -> str:
         return self.wsgi_environ.get("wsgi.url_scheme", "http")
 
-    @cached_property
+    @lazy_property
     def protocol(self) -> tuple[int, int]:
         proto = self.wsgi_environ.get("SERVER_PROTOCOL", "HTTP/1.1")
         try:
@@ -176,7 +176,7 @@ class Request:
         except (IndexError, ValueError):
             return (1, 1)
 
-    @cached_property
+    @lazy_property
     def base(self) -> str:
         """scheme://host[:port] the client used (tools.proxy may rewrite it)."""
         env = self.wsgi_environ
@@ -188,7 +188,7 @@ class Request:
                 host = f"{host}:{port}"
         return f"{self.scheme}://{host}"
 
-    @cached_property
+    @lazy_property
     def remote(self) -> Remote:
         env = self.wsgi_environ
         try:
@@ -206,7 +206,7 @@ class Request:
         """The media type of the body, lower-cased, without parameters."""
         return self.wsgi_environ.get("CONTENT_TYPE", "").split(";", 1)[0].strip().lower()
 
-    @cached_property
+    @lazy_property
     def body(self) -> RequestBody:
         env = self.wsgi_environ
         raw_len = env.get("CONTENT_LENGTH")
@@ -224,7 +224,7 @@ class Request:
             length = 0
         return RequestBody(env["wsgi.input"], length, self.max_body_size)
 
-    @cached_property
+    @lazy_property
     def json(self) -> Any:
         """The body decoded as JSON (400 when it is not valid JSON)."""
         raw = self.body.read()

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from functools import cached_property
+from .lazy import lazy_property
 from http.cookies import SimpleCookie
 from types import GeneratorType
 from typing import Any, Iterable, Iterator
@@ -31,7 +31,7 @@ class Response:
         self.body: Any = None
         self.stream = False
 
-    @cached_property
+    @lazy_property
     def cookie(self) -> SimpleCookie:
         """Cookies to set: `response.cookie["sid"] = "x"; response.cookie["sid"]["path"] = "/"`."""
         return SimpleCookie()
