@@ -161,30 +161,31 @@ class Application:
                         raise handler
                     resp.body = _call_handler(handler, res.vpath, req)
                 hooks.run("before_finalize")
-            except HTTPRedirect as redirect:
-                redirect.set_response()
+            except (HTTPRedirect, HTTPError) as inst:
+                # As in CherryPy: an expected outcome, so before_finalize still runs
+                # (a session changed before `raise HTTPRedirect` is saved).
+                inst.set_response()
                 req.hooks.run("before_finalize")
-            except HTTPError as error:
-                self._error_response(req, error, None)
-            except Exception:
-                tb = traceback.format_exc()
-                log.error("%s %s raised:\n%s", req.method, req.script_name + req.path_info, tb)
-                self._error_response(req, HTTPError(500),
-                                     tb if req.config.get("request.show_tracebacks") else None)
+        except (HTTPRedirect, HTTPError) as inst:
+            inst.set_response()
+        except Exception:
+            self._handle_error(req)
         finally:
             req.hooks.run("on_end_resource")
 
     @staticmethod
-    def _error_response(req: Request, error: HTTPError, tb: str | None) -> None:
+    def _handle_error(req: Request) -> None:
+        """An unexpected exception: log it, answer 500, run the error hooks around that."""
+        tb = traceback.format_exc()
+        log.error("%s %s raised:\n%s", req.method, req.script_name + req.path_info, tb)
+        shown = tb if req.config.get("request.show_tracebacks") else None
         hooks = req.hooks
         try:
             hooks.run("before_error_response")
-            error.set_response(tb)
+            HTTPError(500).set_response(shown)
             hooks.run("after_error_response")
-        except HTTPRedirect as redirect:
-            redirect.set_response()
-        except HTTPError as second:
-            second.set_response(tb)
+        except (HTTPRedirect, HTTPError) as inst:
+            inst.set_response()
         except Exception:
             log.exception("error while building the error response")
             HTTPError(500).set_response(None)

@@ -220,3 +220,33 @@ def test_on_end_request_runs_after_body_is_sent():
     c = Client(web.Application(Root(), config={"/": {"tools.test_done.on": True}}))
     c.get("/")
     assert seen == [200]
+
+
+def test_hooks_around_expected_and_unexpected_errors():
+    """As in CherryPy: HTTPError/HTTPRedirect still run before_finalize (so sessions save
+    on `raise HTTPRedirect`); unexpected exceptions run the error hooks instead."""
+    web.tools.test_mark = web.Tool("before_finalize",
+                                   lambda: web.response.headers.update({"X-Finalized": "1"}))
+    web.tools.test_err = web.Tool("before_error_response",
+                                  lambda: web.response.headers.update({"X-Error-Hook": "1"}))
+
+    class R:
+        @web.expose
+        def denied(self):
+            raise web.HTTPError(403)
+
+        @web.expose
+        def away(self):
+            raise web.HTTPRedirect("/")
+
+        @web.expose
+        def broken(self):
+            raise KeyError("x")
+    c = Client(web.Application(R(), config={"/": {"tools.test_mark.on": True,
+                                                  "tools.test_err.on": True}}))
+    r = c.get("/denied")
+    assert r.code == 403 and r.headers.get("X-Finalized") == "1" and "X-Error-Hook" not in r.headers
+    r = c.get("/away")
+    assert r.code == 303 and r.headers.get("X-Finalized") == "1"
+    r = c.get("/broken")
+    assert r.code == 500 and r.headers.get("X-Error-Hook") == "1" and "X-Finalized" not in r.headers
