@@ -1,0 +1,482 @@
+"""Loading and validating hostsvc's YAML config: one file declares listeners, apps and static mounts.
+
+Why a module of its own: every error a user can make in the file must be caught here,
+before any process starts, and reported as `FILE:LINE: key.path: expected ..., got ...`.
+So YAML is loaded with a SafeLoader subclass that remembers the line of every mapping key
+and list item, `${VAR}` / `${VAR:-default}` are expanded from the environment first (in
+the raw text, so an expanded `${WORKERS:-2}` is still an integer and lines do not move),
+and the schema below fills in defaults so that a two-line app entry works.
+
+This module does no process work and imports no app: `hostsvc.loader` checks imports.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULT_LISTEN = "127.0.0.1:8080"
+DEFAULT_RUNTIME_DIR = "run"
+ACCESS_LOG_FORMATS = ("json", "text", "off")
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+SPEC_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+SIZE_RE = re.compile(r"^[0-9]+[kKmMgG]?$")
+HOST_RE = re.compile(r"^(\*\.)?[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$")
+LISTEN_RE = re.compile(r"^(?:(?P<host>[0-9.]+|\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):)?(?P<port>[0-9]{1,5})$")
+ENV_RE = re.compile(r"\$(?:\$|\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\})")
+
+
+class ConfigError(Exception):
+    """The config is invalid; `errors` holds one `FILE:LINE: key: message` string each."""
+
+    def __init__(self, errors: list[str]) -> None:
+        super().__init__("\n".join(errors))
+        self.errors = errors
+
+
+@dataclass
+class AppConfig:
+    """One app: what to load, where it is mounted, and its gunicorn pool settings."""
+
+    name: str
+    prefix: str
+    kind: str                      # "root" (object tree) or "wsgi" (any WSGI callable)
+    target: str                    # "package.module:attr"
+    hosts: list[str] = field(default_factory=list)
+    config: dict[str, dict[str, Any]] = field(default_factory=dict)
+    workers: int = 2
+    threads: int = 1
+    timeout: float = 30
+    graceful_timeout: float = 10
+    keepalive: int = 75
+    max_requests: int = 0
+    max_requests_jitter: int = 0
+    env: dict[str, str] = field(default_factory=dict)
+    python_path: list[str] = field(default_factory=list)   # absolute, resolved
+    client_max_body_size: str = "1m"
+    line: int = 0                  # line of the app entry, for messages
+    target_line: int = 0           # line of root:/wsgi:, for import errors
+    index: int = 0
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What decides whether a reload must replace this app's pool (lines excluded)."""
+        d = asdict(self)
+        for k in ("line", "target_line", "index"):
+            d.pop(k)
+        return d
+
+
+@dataclass
+class StaticMount:
+    """A directory nginx serves itself under a prefix."""
+
+    prefix: str
+    path: str                      # absolute directory
+    hosts: list[str] = field(default_factory=list)
+    expires: str | None = None
+    line: int = 0
+
+
+@dataclass
+class Config:
+    """The whole validated file."""
+
+    path: str
+    listen: list[str]
+    runtime_dir: str
+    access_log: str = "json"
+    client_max_body_size: str = "1m"
+    grace_period: float = 30
+    nginx_workers: int | str = "auto"
+    apps: list[AppConfig] = field(default_factory=list)
+    static: list[StaticMount] = field(default_factory=list)
+
+    def app(self, name: str) -> AppConfig | None:
+        """The app called `name`, or None."""
+        return next((a for a in self.apps if a.name == name), None)
+
+
+# -- YAML with line numbers --------------------------------------------------------------
+class Mapping(dict):
+    """A dict that knows the 1-based line of itself and of each of its keys."""
+
+    line: int = 0
+    key_lines: dict[Any, int]
+
+
+class Sequence(list):
+    """A list that knows the 1-based line of itself and of each item."""
+
+    line: int = 0
+    item_lines: list[int]
+
+
+class LineLoader(yaml.SafeLoader):
+    """SafeLoader whose mappings and lists record where each key and item was written.
+
+    It also rejects duplicate keys, which plain YAML loading silently collapses.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> Mapping:
+        self.flatten_mapping(node)
+        result = Mapping()
+        result.line = node.start_mark.line + 1
+        result.key_lines = {}
+        for key_node, value_node in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in result.key_lines:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first on line {result.key_lines[key]})",
+                    key_node.start_mark)
+            result.key_lines[key] = key_node.start_mark.line + 1
+            result[key] = self.construct_object(value_node, deep=True)
+        return result
+
+    def construct_sequence(self, node: yaml.SequenceNode, deep: bool = False) -> Sequence:
+        result = Sequence(self.construct_object(child, deep=True) for child in node.value)
+        result.line = node.start_mark.line + 1
+        result.item_lines = [child.start_mark.line + 1 for child in node.value]
+        return result
+
+
+LineLoader.add_constructor("tag:yaml.org,2002:map", LineLoader.construct_mapping)
+LineLoader.add_constructor("tag:yaml.org,2002:seq", LineLoader.construct_sequence)
+
+
+def expand_env(text: str, source: str, environ: dict[str, str] | None = None) -> str:
+    """Expand `${VAR}` and `${VAR:-default}` in `text`; `$$` is a literal `$`.
+
+    Done on the raw text so values keep their YAML types; an unset variable without a
+    default is an error naming its line.
+    """
+    env = os.environ if environ is None else environ
+    errors: list[str] = []
+    out_lines = []
+    for lineno, line in enumerate(text.split("\n"), 1):
+        def repl(m: re.Match[str]) -> str:
+            if m.group(0) == "$$":
+                return "$"
+            name, default = m.group(1), m.group(2)
+            value = env.get(name)
+            if value is None or (value == "" and default is not None):
+                if default is None:
+                    errors.append(f"{source}:{lineno}: ${{{name}}} is not set and has no "
+                                  f"default (write ${{{name}:-value}})")
+                    return ""
+                value = default
+            if "\n" in value:
+                errors.append(f"{source}:{lineno}: ${{{name}}} expands to several lines")
+                return ""
+            return value
+        stripped = line.lstrip()
+        out_lines.append(line if stripped.startswith("#") else ENV_RE.sub(repl, line))
+    if errors:
+        raise ConfigError(errors)
+    return "\n".join(out_lines)
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """Parse YAML into Mapping/Sequence values with lines; syntax errors name the line."""
+    try:
+        return yaml.load(text, Loader=LineLoader)  # noqa: S506 - LineLoader is a SafeLoader
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark else 0
+        raise ConfigError([f"{source}:{line}: invalid YAML: {exc.problem or exc}"]) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{source}: invalid YAML: {exc}"]) from None
+
+
+# -- validation --------------------------------------------------------------------------
+class _Checker:
+    """Walks the parsed document, collecting every error instead of stopping at the first."""
+
+    def __init__(self, source: str, base_dir: Path) -> None:
+        self.source = source
+        self.base_dir = base_dir
+        self.errors: list[str] = []
+
+    def error(self, line: int, key: str, message: str) -> None:
+        self.errors.append(f"{self.source}:{line}: {key}: {message}")
+
+    def unknown_keys(self, mapping: Mapping, allowed: set[str], where: str) -> None:
+        for key in mapping:
+            if key not in allowed:
+                self.error(mapping.key_lines[key], f"{where}{key}" if where else str(key),
+                           f"unknown key; expected one of: {', '.join(sorted(allowed))}")
+
+    def get(self, mapping: Mapping, key: str, where: str, expect: str, check: Any,
+            default: Any) -> Any:
+        """mapping[key] checked by `check(value) -> converted or None`, else default."""
+        if key not in mapping or mapping[key] is None and default is not None:
+            return default
+        value = mapping[key]
+        converted = check(value)
+        if converted is None:
+            self.error(mapping.key_lines[key], where + key, f"expected {expect}, got {value!r}")
+            return default
+        return converted
+
+    def line_of(self, mapping: Mapping, key: str) -> int:
+        return mapping.key_lines.get(key, mapping.line)
+
+    def resolve_path(self, value: str) -> str:
+        return str((self.base_dir / os.path.expanduser(value)).resolve())
+
+
+def _positive_int(v: Any) -> int | None:
+    return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None
+
+
+def _non_negative_int(v: Any) -> int | None:
+    return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else None
+
+
+def _positive_number(v: Any) -> float | None:
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+    return v if ok else None
+
+
+def _string(v: Any) -> str | None:
+    return v if isinstance(v, str) and v else None
+
+
+def _size(v: Any) -> str | None:
+    v = str(v) if isinstance(v, int) and not isinstance(v, bool) else v
+    return v if isinstance(v, str) and SIZE_RE.match(v) else None
+
+
+def _prefix(v: Any) -> str | None:
+    if not isinstance(v, str) or not v.startswith("/") or "//" in v:
+        return None
+    if any(c.isspace() or c in "{};#\"'\\?" for c in v):
+        return None
+    return v.rstrip("/") or "/"
+
+
+def _spec(v: Any) -> str | None:
+    return v if isinstance(v, str) and SPEC_RE.match(v) else None
+
+
+def _listen(v: Any) -> str | None:
+    if isinstance(v, int) and not isinstance(v, bool):
+        v = str(v)
+    if not isinstance(v, str):
+        return None
+    m = LISTEN_RE.match(v)
+    if not m or not 0 < int(m.group("port")) < 65536:
+        return None
+    return v
+
+
+def _string_list(v: Any, item_check: Any = _string) -> list[str] | None:
+    if not isinstance(v, list):
+        v = [v]
+    if not isinstance(v, list) or not all(item_check(i) is not None for i in v):
+        return None
+    return [item_check(i) for i in v]
+
+
+def _host(v: Any) -> str | None:
+    return v.lower() if isinstance(v, str) and HOST_RE.match(v) else None
+
+
+APP_KEYS = {"name", "prefix", "hosts", "root", "wsgi", "config", "workers", "threads",
+            "timeout", "graceful_timeout", "keepalive", "max_requests",
+            "max_requests_jitter", "env", "python_path", "client_max_body_size"}
+TOP_KEYS = {"listen", "runtime_dir", "access_log", "client_max_body_size", "grace_period",
+            "nginx_workers", "python_path", "apps", "static"}
+STATIC_KEYS = {"prefix", "path", "hosts", "expires"}
+
+
+def _check_app(c: _Checker, entry: Any, i: int, line: int, top_paths: list[str],
+               body_size: str) -> AppConfig | None:
+    where = f"apps[{i}]."
+    if not isinstance(entry, Mapping):
+        c.error(line, f"apps[{i}]", f"expected a mapping with name/prefix and root or wsgi, "
+                                    f"got {entry!r}")
+        return None
+    c.unknown_keys(entry, APP_KEYS, where)
+    name = c.get(entry, "name", where, "a lowercase name ([a-z0-9_-], up to 63 chars)",
+                 lambda v: v if isinstance(v, str) and NAME_RE.match(v) else None, None)
+    prefix = c.get(entry, "prefix", where, "a path starting with '/' (e.g. /blog)",
+                   _prefix, None)
+    if name is None and prefix is None:
+        if "name" not in entry and "prefix" not in entry:
+            c.error(entry.line, f"apps[{i}]", "needs a name or a prefix (or both)")
+        return None
+    if name is None:
+        name = prefix.strip("/").replace("/", "-").lower() or "root"
+        if not NAME_RE.match(name):
+            c.error(c.line_of(entry, "prefix"), where + "prefix",
+                    f"cannot derive an app name from {prefix!r}; add name:")
+            return None
+    if prefix is None:
+        prefix = "/" + name
+    kinds = [k for k in ("root", "wsgi") if k in entry]
+    if len(kinds) != 1:
+        c.error(entry.line, f"apps[{i}]", "expected exactly one of root: package.module:Root "
+                                         "or wsgi: package.module:app")
+        return None
+    kind = kinds[0]
+    target = c.get(entry, kind, where, "'package.module:attribute'", _spec, None)
+    app_cfg = c.get(entry, "config", where, "a mapping of path -> mapping of settings "
+                    "(e.g. {'/': {'tools.gzip.on': true}})",
+                    lambda v: v if isinstance(v, Mapping) and all(
+                        isinstance(k, str) and k.startswith("/") and isinstance(s, Mapping)
+                        for k, s in v.items()) else None, {})
+    if app_cfg and kind != "root":
+        c.error(c.line_of(entry, "config"), where + "config", "only root: apps take a config")
+    env = c.get(entry, "env", where, "a mapping of NAME: value (scalars)",
+                lambda v: {str(k): "" if x is None else str(x).lower() if isinstance(x, bool)
+                           else str(x) for k, x in v.items()}
+                if isinstance(v, Mapping) and all(
+                    isinstance(k, str) and not isinstance(x, (list, dict))
+                    for k, x in v.items()) else None, {})
+    paths = c.get(entry, "python_path", where, "a list of directories", _string_list, [])
+    app = AppConfig(
+        name=name, prefix=prefix, kind=kind, target=target or "",
+        hosts=c.get(entry, "hosts", where, "a list of host names", lambda v: _string_list(
+            v, _host), []),
+        config={k: dict(v) for k, v in app_cfg.items()},
+        workers=c.get(entry, "workers", where, "a positive integer", _positive_int, 2),
+        threads=c.get(entry, "threads", where, "a positive integer", _positive_int, 1),
+        timeout=c.get(entry, "timeout", where, "a positive number of seconds",
+                      _positive_number, 30),
+        graceful_timeout=c.get(entry, "graceful_timeout", where,
+                               "a positive number of seconds", _positive_number, 10),
+        keepalive=c.get(entry, "keepalive", where, "a positive integer (seconds)",
+                        _positive_int, 75),
+        max_requests=c.get(entry, "max_requests", where, "an integer >= 0 (0: never)",
+                           _non_negative_int, 0),
+        max_requests_jitter=c.get(entry, "max_requests_jitter", where, "an integer >= 0",
+                                  _non_negative_int, 0),
+        env=env,
+        python_path=[c.resolve_path(p) for p in paths] + top_paths,
+        client_max_body_size=c.get(entry, "client_max_body_size", where,
+                                   "a size like 1m, 512k or 0 (unlimited)", _size, body_size),
+        line=entry.line, target_line=c.line_of(entry, kind), index=i,
+    )
+    return app
+
+
+def _check_static(c: _Checker, entry: Any, i: int, line: int) -> StaticMount | None:
+    where = f"static[{i}]."
+    if not isinstance(entry, Mapping):
+        c.error(line, f"static[{i}]", f"expected a mapping with prefix and path, got {entry!r}")
+        return None
+    c.unknown_keys(entry, STATIC_KEYS, where)
+    for key in ("prefix", "path"):
+        if key not in entry:
+            c.error(entry.line, f"static[{i}]", f"missing required key {key!r}")
+    prefix = c.get(entry, "prefix", where, "a path starting with '/'", _prefix, None)
+    path = c.get(entry, "path", where, "a directory path", _string, None)
+    if path is not None:
+        path = c.resolve_path(path)
+        if not os.path.isdir(path):
+            c.error(c.line_of(entry, "path"), where + "path",
+                    f"expected an existing directory, got {entry['path']!r} ({path})")
+    expires = c.get(entry, "expires", where, "an nginx time like 1h, 7d or off",
+                    lambda v: v if isinstance(v, str) and re.match(r"^(off|max|[0-9]+[smhdwMy]?)$",
+                                                                   v) else None, None)
+    if prefix is None or path is None:
+        return None
+    return StaticMount(prefix=prefix, path=path, expires=expires, line=entry.line,
+                       hosts=c.get(entry, "hosts", where, "a list of host names",
+                                   lambda v: _string_list(v, _host), []))
+
+
+def validate(doc: Any, source: str, base_dir: Path | None = None,
+             runtime_dir: str | None = None) -> Config:
+    """Turn a parsed document into a Config, or raise ConfigError listing every problem.
+
+    `base_dir` (default: the config file's directory) anchors relative paths in the file;
+    `runtime_dir` overrides the file's runtime_dir (the CLI's --runtime-dir).
+    """
+    base = base_dir or Path(source).resolve().parent
+    c = _Checker(source, base)
+    if doc is None:
+        doc = Mapping(); doc.line = 1; doc.key_lines = {}
+    if not isinstance(doc, Mapping):
+        raise ConfigError([f"{source}:1: expected a mapping at the top (listen:, apps:, ...), "
+                           f"got {type(doc).__name__}"])
+    c.unknown_keys(doc, TOP_KEYS, "")
+    listen = c.get(doc, "listen", "", "host:port or a list of them (e.g. 127.0.0.1:8080)",
+                   lambda v: _string_list(v, _listen), [DEFAULT_LISTEN])
+    rdir = c.get(doc, "runtime_dir", "", "a directory path", _string, DEFAULT_RUNTIME_DIR)
+    rdir = runtime_dir or rdir
+    body_size = c.get(doc, "client_max_body_size", "", "a size like 1m, 512k or 0",
+                      _size, "1m")
+    top_paths = [c.resolve_path(p) for p in c.get(doc, "python_path", "",
+                                                  "a list of directories", _string_list, [])]
+    cfg = Config(
+        path=str(Path(source).resolve()),
+        listen=listen,
+        runtime_dir=str(Path(os.path.expanduser(rdir)).resolve()),
+        access_log=c.get(doc, "access_log", "", "one of json, text, off",
+                         lambda v: v if v in ACCESS_LOG_FORMATS else
+                         "off" if v is False else None, "json"),
+        client_max_body_size=body_size,
+        grace_period=c.get(doc, "grace_period", "", "a positive number of seconds",
+                           _positive_number, 30),
+        nginx_workers=c.get(doc, "nginx_workers", "", "a positive integer or 'auto'",
+                            lambda v: v if v == "auto" else _positive_int(v), "auto"),
+    )
+    apps = doc.get("apps")
+    if "apps" in doc and not isinstance(apps, Sequence):
+        c.error(doc.key_lines["apps"], "apps", f"expected a list of apps, got {apps!r}")
+    elif apps:
+        for i, entry in enumerate(apps):
+            app = _check_app(c, entry, i, apps.item_lines[i], top_paths, body_size)
+            if app:
+                cfg.apps.append(app)
+    statics = doc.get("static")
+    if "static" in doc and not isinstance(statics, Sequence):
+        c.error(doc.key_lines["static"], "static", f"expected a list of mounts, got {statics!r}")
+    elif statics:
+        for i, entry in enumerate(statics):
+            mount = _check_static(c, entry, i, statics.item_lines[i])
+            if mount:
+                cfg.static.append(mount)
+    _check_unique(c, cfg)
+    if c.errors:
+        raise ConfigError(c.errors)
+    return cfg
+
+
+def _check_unique(c: _Checker, cfg: Config) -> None:
+    """Names are unique; a (host, prefix) pair is claimed by one app or mount only."""
+    names: dict[str, int] = {}
+    for app in cfg.apps:
+        if app.name in names:
+            c.error(app.line, f"apps[{app.index}].name",
+                    f"duplicate app name {app.name!r} (also apps[{names[app.name]}])")
+        names.setdefault(app.name, app.index)
+    seen: dict[tuple[str, str], str] = {}
+    mounts = [(a.prefix, a.hosts, a.line, f"apps[{a.index}]") for a in cfg.apps]
+    mounts += [(s.prefix, s.hosts, s.line, f"static[{i}]") for i, s in enumerate(cfg.static)]
+    for prefix, hosts, line, where in mounts:
+        for host in hosts or ["*"]:
+            other = seen.get((host, prefix))
+            if other:
+                c.error(line, f"{where}.prefix", f"duplicate prefix {prefix!r}"
+                        + (f" for host {host!r}" if host != "*" else "") + f" (also {other})")
+            seen.setdefault((host, prefix), where)
+    if cfg.access_log not in ACCESS_LOG_FORMATS:  # pragma: no cover - guarded by get()
+        c.error(0, "access_log", "expected json, text or off")
+
+
+def load(path: str | os.PathLike[str], runtime_dir: str | None = None,
+         environ: dict[str, str] | None = None) -> Config:
+    """Read, expand, parse and validate the config file at `path` (raises ConfigError)."""
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{source}: cannot read config: {exc.strerror or exc}"]) from None
+    text = expand_env(text, source, environ)
+    return validate(parse_yaml(text, source), source, runtime_dir=runtime_dir)

@@ -1,0 +1,330 @@
+"""One app's gunicorn pool: the supervisor-side handle (`Pool`) and the child's entry point.
+
+Each pool is a gunicorn arbiter in a child process of its own, started as a fresh
+interpreter (`python -P -m hostsvc.pool run NAME`): an arbiter installs signal handlers and
+ends with sys.exit(), and a fresh interpreter keeps one app's imports, environment and
+sys.path away from the supervisor and from other apps.
+
+Readiness: the supervisor passes the write end of a pipe; the first worker to finish
+booting writes one byte. EOF without that byte means the pool died while starting (for
+example an import error: apps are preloaded in the arbiter, so they fail early).
+
+Orphans: the arbiter asks the kernel for SIGTERM when the supervisor dies
+(PR_SET_PDEATHSIG), and each worker for SIGTERM when its arbiter dies; gunicorn workers
+also check their parent pid on every loop.
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from .config import AppConfig
+
+PR_SET_PDEATHSIG = 1
+SPEC_ENV = "HOSTSVC_POOL_SPEC"
+READY_BYTE = b"R"
+
+
+def set_parent_death_signal(sig: int = signal.SIGTERM, expected_ppid: int | None = None) -> None:
+    """Have the kernel send `sig` to this process when its parent dies (Linux only).
+
+    If the parent already died before this call (the fork/exec race), exit at once.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+    except (OSError, AttributeError):  # pragma: no cover - not Linux
+        pass
+    if expected_ppid is not None and os.getppid() != expected_ppid:
+        os._exit(1)
+
+
+class PrefixMiddleware:
+    """Sets SCRIPT_NAME to the app's mount prefix and PATH_INFO to the rest.
+
+    Chosen over a trusted SCRIPT_NAME header from nginx because the prefix is fixed per
+    pool and known here: nothing depends on header trust, the app sees the same environ
+    whether reached through nginx or straight through its socket (tests, probes), and a
+    path outside the prefix is a clean 404 rather than gunicorn's ConfigurationProblem.
+    """
+
+    def __init__(self, app: Callable[..., Any], prefix: str) -> None:
+        self.app = app
+        self.prefix = "" if prefix == "/" else prefix
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        prefix = self.prefix
+        if prefix:
+            path = environ.get("PATH_INFO", "")
+            if path == prefix or path.startswith(prefix + "/"):
+                environ["SCRIPT_NAME"] = prefix
+                environ["PATH_INFO"] = path[len(prefix):]
+            elif not environ.get("SCRIPT_NAME"):
+                start_response("404 Not Found", [("Content-Type", "text/plain")])
+                return [b"Not Found\n"]
+        return self.app(environ, start_response)
+
+
+def build_app(app: AppConfig) -> Callable[..., Any]:
+    """The WSGI callable for `app`: an object tree wrapped in hostsvc.web, or the callable.
+
+    Object trees get `tools.proxy.on: True` at "/" unless the config says otherwise, so
+    `web.request.remote.ip` and `web.url()` describe the client behind nginx.
+    """
+    from .loader import LoadError, import_string
+
+    target = import_string(app.target, app.python_path)
+    if app.kind == "root":
+        from hostsvc import web
+
+        root = target() if isinstance(target, type) else target
+        config = {path: dict(section) for path, section in app.config.items()}
+        config.setdefault("/", {}).setdefault("tools.proxy.on", True)
+        wsgi = web.Application(root, "" if app.prefix == "/" else app.prefix, config)
+    else:
+        wsgi = target
+        if not callable(wsgi):
+            raise LoadError(f"{app.target} is a {type(wsgi).__name__}, not a WSGI callable")
+    return PrefixMiddleware(wsgi, app.prefix)
+
+
+def gunicorn_options(app: AppConfig, socket_path: str) -> dict[str, Any]:
+    """gunicorn settings for one pool: unix socket, sync or gthread, no control socket."""
+    return {
+        "bind": [f"unix:{socket_path}"],
+        "workers": app.workers,
+        "worker_class": "gthread" if app.threads > 1 else "sync",
+        "threads": app.threads,
+        "timeout": app.timeout,
+        "graceful_timeout": app.graceful_timeout,
+        # Longer than nginx's idle upstream keep-alive (60 s) so nginx closes first.
+        "keepalive": app.keepalive,
+        "max_requests": app.max_requests,
+        "max_requests_jitter": app.max_requests_jitter,
+        "preload_app": True,
+        # Every arbiter of a user would share (and unlink) the default control socket.
+        "control_socket_disable": True,
+        "proc_name": f"hostsvc-{app.name}",
+        "errorlog": "-",
+        "loglevel": "warning",
+        "accesslog": None,   # nginx writes the access log
+    }
+
+
+# -- the child -----------------------------------------------------------------------------
+def _run_arbiter(spec: dict[str, Any]) -> None:
+    from gunicorn.app.base import BaseApplication
+
+    app = AppConfig(**spec["app"])
+    ready_fd: int = spec["ready_fd"]
+    arbiter_pid = os.getpid()
+
+    def post_fork(server: Any, worker: Any) -> None:
+        set_parent_death_signal(signal.SIGTERM, arbiter_pid)
+
+    def post_worker_init(worker: Any) -> None:
+        try:
+            os.write(ready_fd, READY_BYTE)
+        except OSError:
+            pass   # the supervisor already read the first worker's byte and closed its end
+
+    class HostsvcApplication(BaseApplication):
+        def load_config(self) -> None:
+            for key, value in gunicorn_options(app, spec["socket"]).items():
+                self.cfg.set(key, value)
+            self.cfg.set("post_fork", post_fork)
+            self.cfg.set("post_worker_init", post_worker_init)
+
+        def load(self) -> Callable[..., Any]:
+            return build_app(app)
+
+    HostsvcApplication().run()
+
+
+def _check_import(spec: dict[str, Any]) -> None:
+    from .loader import LoadError
+
+    try:
+        build_app(AppConfig(**spec["app"]))
+    except LoadError as exc:
+        print(exc, file=sys.stderr)
+        sys.exit(3)
+    except Exception as exc:  # noqa: BLE001 - building the app ran user code
+        print(f"building the app failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        sys.exit(3)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Child entry point: `python -P -m hostsvc.pool run|check NAME`, the spec (JSON) in
+    $HOSTSVC_POOL_SPEC so that `ps` shows a readable command line."""
+    argv = sys.argv[1:] if argv is None else argv
+    mode, spec = argv[0], json.loads(os.environ.pop(SPEC_ENV))
+    if mode == "run":
+        set_parent_death_signal(signal.SIGTERM, spec["supervisor_pid"])
+    app = spec["app"]
+    os.environ.update(app["env"])
+    os.environ["HOSTSVC_APP"] = app["name"]
+    os.environ["HOSTSVC_PREFIX"] = app["prefix"]
+    if mode == "check":
+        _check_import(spec)
+    else:
+        _run_arbiter(spec)
+
+
+def _child(mode: str, spec: dict[str, Any]) -> tuple[list[str], dict[str, str]]:
+    """Command line and environment for a pool child."""
+    env = dict(os.environ, **{SPEC_ENV: json.dumps(spec)})
+    return [sys.executable, "-P", "-m", "hostsvc.pool", mode, spec["app"]["name"]], env
+
+
+def check_apps(apps: Iterable[AppConfig], source: str, timeout: float = 60) -> list[str]:
+    """Import every app the way its pool would, each in a throwaway process, in parallel.
+
+    Returns `FILE:LINE: apps[i].root: ...` errors. A throwaway process because importing
+    runs user code (and env/sys.path differ per app) that must not touch the caller.
+    """
+    def one(app: AppConfig) -> str | None:
+        spec = {"app": asdict(app)}
+        try:
+            cmd, env = _child("check", spec)
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                                  env=env, stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            return (f"{source}:{app.target_line}: apps[{app.index}].{app.kind}: importing "
+                    f"{app.target} took longer than {timeout:.0f}s")
+        if proc.returncode == 0:
+            return None
+        lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+        detail = lines[-1] if lines else f"exit status {proc.returncode}"
+        return f"{source}:{app.target_line}: apps[{app.index}].{app.kind}: {detail}"
+
+    apps = list(apps)
+    if not apps:
+        return []
+    with ThreadPoolExecutor(max_workers=min(4, len(apps))) as ex:
+        return [e for e in ex.map(one, apps) if e]
+
+
+# -- the supervisor's handle ----------------------------------------------------------------
+class Pool:
+    """One running (or starting) arbiter for one app, on one socket path.
+
+    A replaced app gets a new Pool on a new socket path (blue/green); a crashed pool is
+    restarted as a new Pool on the same path, which is safe because its arbiter is gone.
+    """
+
+    def __init__(self, app: AppConfig, socket_path: str) -> None:
+        self.app = app
+        self.socket_path = socket_path
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.ready_fd: int | None = None
+        self.ready = False
+        self.started_at = 0.0
+        self.ready_at = 0.0
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def start(self, preexec_fn: Callable[[], None] | None = None) -> None:
+        """Fork the arbiter; readiness arrives later on `ready_fd` (see poll_ready)."""
+        rfd, wfd = os.pipe()
+        os.set_blocking(rfd, False)
+        spec = {"app": asdict(self.app), "socket": self.socket_path, "ready_fd": wfd,
+                "supervisor_pid": os.getpid()}
+        Path(self.socket_path).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            cmd, env = _child("run", spec)
+            self.proc = subprocess.Popen(cmd, pass_fds=(wfd,), env=env,
+                                         stdin=subprocess.DEVNULL, preexec_fn=preexec_fn,
+                                         process_group=0)
+        finally:
+            os.close(wfd)
+        self.ready_fd = rfd
+        self.started_at = time.time()
+
+    def poll_ready(self) -> bool | None:
+        """True once a worker has booted, False if the pool died first, None while waiting."""
+        if self.ready:
+            return True
+        if self.ready_fd is None:
+            return False
+        try:
+            data = os.read(self.ready_fd, 64)
+        except BlockingIOError:
+            return None
+        self._close_ready()
+        if data:
+            self.ready = True
+            self.ready_at = time.time()
+            return True
+        return False
+
+    def _close_ready(self) -> None:
+        if self.ready_fd is not None:
+            os.close(self.ready_fd)
+            self.ready_fd = None
+
+    def exit_code(self) -> int | None:
+        """The arbiter's exit status once it has exited (reaping it), else None."""
+        return self.proc.poll() if self.proc else 0
+
+    def alive(self) -> bool:
+        return self.exit_code() is None
+
+    def signal(self, sig: int) -> None:
+        if self.proc and self.proc.poll() is None:
+            try:
+                self.proc.send_signal(sig)
+            except ProcessLookupError:
+                pass
+
+    def terminate(self) -> None:
+        """Graceful stop: gunicorn closes and unlinks its socket, then drains workers."""
+        self._close_ready()
+        self.signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        """Last resort after the grace period: the arbiter and any worker left."""
+        workers = self.worker_pids()
+        self.signal(signal.SIGKILL)
+        for pid in workers:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def worker_pids(self) -> list[int]:
+        """Pids of the arbiter's worker processes, from /proc (children of the arbiter)."""
+        return children_of(self.pid) if self.pid and self.alive() else []
+
+
+def children_of(ppid: int) -> list[int]:
+    """Pids whose parent is `ppid`, read from /proc/*/stat (no psutil)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as fh:
+                stat = fh.read()
+        except OSError:
+            continue
+        # Field 4 is the ppid; the command name (field 2) may hold spaces and parens.
+        fields = stat[stat.rfind(b")") + 2:].split()
+        if len(fields) > 1 and int(fields[1]) == ppid and fields[0] != b"Z":
+            found.append(int(entry))
+    return sorted(found)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,535 @@
+"""The supervisor: runs every app's pool and nginx, restarts what crashes, reloads, stops.
+
+Read it top to bottom like gunicorn's arbiter.py:
+
+    run()            set up the runtime dir, start pools, start nginx, loop, stop
+    _loop()          wait for a signal or a tick; HUP reloads, TERM/INT stop;
+                     each tick: pools that became ready or died, restarts due, nginx,
+                     the watched config file, state.json
+    reload()         validate the new file (a failure changes nothing), start added and
+                     changed apps on NEW socket paths, wait until ready, point nginx at
+                     them (nginx -t, reload), wait for old nginx workers to drain, then
+                     TERM replaced and removed pools (blue/green, no dropped request)
+    stop()           nginx stops accepting and drains (SIGQUIT), then every pool gets
+                     TERM, then KILL after the grace period; exit 0
+
+Everything runs on the main thread: children get PR_SET_PDEATHSIG, which fires when the
+*thread* that forked them exits, and signal handlers only queue.
+
+The local interface for other tools is RUNTIME/state.json (schema in docs/config.md),
+rewritten atomically whenever something changes, and RUNTIME/hostsvc.pid.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import select
+import signal
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from . import config as configmod
+from .config import AppConfig, Config, ConfigError
+from .pool import Pool, check_apps, children_of, set_parent_death_signal
+from .proxy import Nginx, NginxError, render
+
+log = logging.getLogger("hostsvc")
+
+STATE_VERSION = 1
+START_TIMEOUT = 60.0          # seconds a pool may take to boot its first worker
+BACKOFF_START, BACKOFF_MAX = 1.0, 30.0
+STABLE_AFTER = 30.0           # a pool up this long resets its crash counter
+CRASHLOOP_AFTER = 3           # consecutive failures before state says "crashloop"
+TICK = 0.25
+
+
+@dataclass
+class AppState:
+    """The supervisor's view of one app across restarts and replacements."""
+
+    app: AppConfig
+    socket_path: str
+    pool: Pool | None = None
+    state: str = "starting"       # starting | running | backoff | crashloop | stopping
+    restarts: int = 0
+    failures: int = 0             # consecutive failures, for the backoff
+    restart_at: float = 0.0       # monotonic time of the next restart while in backoff
+    last_error: str | None = None
+    generation: int = 1
+    worker_pids: list[int] = field(default_factory=list)
+
+
+def _die_with_supervisor() -> None:
+    """preexec_fn for nginx: SIGTERM (nginx's fast shutdown) if the supervisor dies."""
+    set_parent_death_signal(signal.SIGTERM, expected_ppid=_SUPERVISOR_PID[0])
+
+
+_SUPERVISOR_PID = [0]
+
+
+def _fmt(event: str, app: str | None = None, pid: int | None = None, **fields: Any) -> str:
+    parts = ([f"app={app}"] if app else []) + ([f"pid={pid}"] if pid else []) + \
+        [f"event={event}"] + [f"{k}={v}" for k, v in fields.items() if v is not None]
+    return " ".join(parts)
+
+
+class Supervisor:
+    """Owns the runtime dir, the pools and nginx for one config file."""
+
+    def __init__(self, config_path: str, runtime_dir: str | None = None,
+                 watch: bool = False) -> None:
+        self.config_path = config_path
+        self.runtime_override = runtime_dir
+        self.watch = watch
+        self.cfg: Config | None = None
+        self.runtime_dir = ""
+        self.apps: dict[str, AppState] = {}
+        self.draining: list[tuple[Pool, float]] = []     # old pools and their kill deadline
+        self.nginx: Nginx | None = None
+        self.nginx_restart_at = 0.0
+        self.signals: list[int] = []
+        self.wakeup_r = self.wakeup_w = -1
+        self.started_at = time.time()
+        self.last_reload: dict[str, Any] | None = None
+        self.config_digest = ""
+        self._last_state = ""
+        self._next_scan = 0.0
+        self._generations: dict[str, int] = {}
+
+    # -- run ------------------------------------------------------------------------------
+    def run(self) -> int:
+        """Start everything, supervise until TERM/INT, stop everything. The exit status."""
+        try:
+            self.cfg = configmod.load(self.config_path, self.runtime_override)
+            errors = check_apps(self.cfg.apps, self.config_path)
+            if errors:
+                raise ConfigError(errors)
+        except ConfigError as exc:
+            for line in exc.errors:
+                log.error("%s", line)
+            return 2
+        self.config_digest = self._digest()
+        self.runtime_dir = self.cfg.runtime_dir
+        if not self._claim_runtime_dir():
+            return 1
+        self._install_signals()
+        try:
+            if not self.start():
+                self.stop()
+                return 1
+            self._loop()
+            self.stop()
+            return 0
+        finally:
+            self._release_runtime_dir()
+
+    def _claim_runtime_dir(self) -> bool:
+        rd = Path(self.runtime_dir)
+        (rd / "sockets").mkdir(parents=True, exist_ok=True)
+        pidfile = rd / "hostsvc.pid"
+        try:
+            other = int(pidfile.read_text().strip())
+            if other != os.getpid() and _pid_alive(other):
+                log.error("another supervisor (pid %d) uses runtime dir %s", other, rd)
+                return False
+        except (OSError, ValueError):
+            pass
+        for stale in (rd / "sockets").glob("*.sock"):
+            stale.unlink(missing_ok=True)
+        _atomic_write(pidfile, f"{os.getpid()}\n")
+        return True
+
+    def _release_runtime_dir(self) -> None:
+        Path(self.runtime_dir, "hostsvc.pid").unlink(missing_ok=True)
+
+    def _install_signals(self) -> None:
+        _SUPERVISOR_PID[0] = os.getpid()
+        self.wakeup_r, self.wakeup_w = os.pipe()
+        for fd in (self.wakeup_r, self.wakeup_w):
+            os.set_blocking(fd, False)
+        signal.set_wakeup_fd(self.wakeup_w)
+        for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+            signal.signal(sig, self._on_signal)
+        signal.signal(signal.SIGCHLD, lambda *_: None)   # only wakes select()
+
+    def _on_signal(self, sig: int, frame: Any) -> None:
+        self.signals.append(sig)
+
+    # -- start ----------------------------------------------------------------------------
+    def start(self) -> bool:
+        """Start every pool, wait for them, then nginx. False if nginx cannot start."""
+        assert self.cfg is not None
+        t0 = time.monotonic()
+        log.info("starting %d apps from %s (runtime dir %s)...", len(self.cfg.apps),
+                 self.config_path, self.runtime_dir)
+        for app in self.cfg.apps:
+            self.apps[app.name] = st = AppState(app, self._new_socket_path(app.name))
+            self._start_pool(st)
+        self._wait_ready([st for st in self.apps.values()])
+        self.nginx = Nginx(self.runtime_dir)
+        try:
+            self.nginx.write_config(self._render())
+            self.nginx.start(self.cfg.listen, preexec_fn=_die_with_supervisor)
+        except NginxError as exc:
+            log.error("%s", _fmt("nginx_failed", error=exc))
+            return False
+        ready = [n for n, st in self.apps.items() if st.state == "running"]
+        failed = [n for n, st in self.apps.items() if st.state != "running"]
+        log.info("%s", _fmt("nginx_started", "nginx", self.nginx.pid))
+        summary = (f"all apps ready" if not failed else
+                   f"{len(ready)} of {len(self.apps)} apps ready (not running: "
+                   f"{', '.join(failed)}; their prefixes answer 503)")
+        log.info("nginx listening on %s, %s in %.1fs", ", ".join(self.cfg.listen), summary,
+                 time.monotonic() - t0)
+        self.write_state()
+        return True
+
+    def _new_socket_path(self, name: str) -> str:
+        """A path never used before by this supervisor: blue/green needs a fresh one."""
+        gen = self._generations.get(name, 0) + 1
+        self._generations[name] = gen
+        return os.path.join(self.runtime_dir, "sockets", f"{name}.{gen}.sock")
+
+    def _start_pool(self, st: AppState) -> None:
+        st.pool = Pool(st.app, st.socket_path)
+        st.pool.start()
+        st.state = "starting"
+        st.generation = self._generations.get(st.app.name, 1)
+        log.info("%s", _fmt("starting", st.app.name, st.pool.pid, workers=st.app.workers,
+                            socket=st.socket_path))
+
+    def _wait_ready(self, states: list[AppState], timeout: float = START_TIMEOUT) -> None:
+        """Block until each pool is ready or failed; TERM/INT cut the wait short."""
+        deadline = time.monotonic() + timeout
+        while any(st.state == "starting" for st in states):
+            for st in states:
+                self._check_pool(st)
+            if any(s in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT) for s in self.signals):
+                return
+            if time.monotonic() > deadline:
+                for st in states:
+                    if st.state == "starting":
+                        self._pool_failed(st, f"not ready after {timeout:.0f}s")
+                return
+            self._sleep(0.05)
+
+    # -- the loop ---------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            self._sleep(TICK)
+            while self.signals:
+                sig = self.signals.pop(0)
+                if sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+                    log.info("%s", _fmt("signal", signal=signal.Signals(sig).name))
+                    return
+                if sig == signal.SIGHUP:
+                    self.reload("SIGHUP")
+            for st in self.apps.values():
+                self._check_pool(st)
+            self._check_draining()
+            self._check_nginx()
+            if self.watch:
+                self._check_config_file()
+            self.write_state()
+
+    def _sleep(self, seconds: float) -> None:
+        try:
+            select.select([self.wakeup_r], [], [], seconds)
+            os.read(self.wakeup_r, 512)
+        except (BlockingIOError, InterruptedError):
+            pass
+
+    def _check_pool(self, st: AppState) -> None:
+        """Readiness, crashes and due restarts for one app."""
+        now = time.monotonic()
+        pool = st.pool
+        if st.state == "starting" and pool is not None:
+            ready = pool.poll_ready()
+            if ready:
+                st.state = "running"
+                st.last_error = None
+                log.info("%s", _fmt("started", st.app.name, pool.pid, workers=st.app.workers,
+                                    ready_in=f"{pool.ready_at - pool.started_at:.2f}s"))
+            elif ready is False or not pool.alive():
+                self._pool_failed(st, f"exited with status {pool.exit_code()} while starting")
+        elif st.state == "running" and pool is not None:
+            if not pool.alive():
+                self._pool_failed(st, f"exited with status {pool.exit_code()}")
+            elif st.failures and time.time() - pool.ready_at > STABLE_AFTER:
+                st.failures = 0
+        elif st.state in ("backoff", "crashloop") and now >= st.restart_at:
+            st.restarts += 1
+            log.info("%s", _fmt("restarting", st.app.name, restarts=st.restarts))
+            self._start_pool(st)   # same socket path: the old arbiter is gone
+
+    def _pool_failed(self, st: AppState, why: str) -> None:
+        """Schedule a restart with exponential backoff, and say so."""
+        pid = st.pool.pid if st.pool else None
+        if st.pool is not None:
+            st.pool.kill()      # leftover workers of a dead or hung arbiter
+            st.pool.exit_code()
+        st.failures += 1
+        delay = min(BACKOFF_START * 2 ** (st.failures - 1), BACKOFF_MAX)
+        st.restart_at = time.monotonic() + delay
+        st.state = "crashloop" if st.failures >= CRASHLOOP_AFTER else "backoff"
+        st.last_error = why
+        st.worker_pids = []
+        log.warning("%s", _fmt("exited" if "starting" not in why else "failed_to_start",
+                               st.app.name, pid, error=repr(why), state=st.state,
+                               restart_in=f"{delay:.0f}s"))
+
+    def _check_draining(self) -> None:
+        keep = []
+        for pool, deadline in self.draining:
+            if not pool.alive():
+                log.info("%s", _fmt("stopped", pool.app.name, pool.pid, code=pool.exit_code()))
+            elif time.monotonic() > deadline:
+                log.warning("%s", _fmt("killed", pool.app.name, pool.pid,
+                                       reason="graceful timeout"))
+                pool.kill()
+            else:
+                keep.append((pool, deadline))
+        self.draining = keep
+
+    def _check_nginx(self) -> None:
+        if self.nginx is None or self.nginx.alive():
+            return
+        now = time.monotonic()
+        if not self.nginx_restart_at:
+            log.error("%s", _fmt("nginx_exited", "nginx", self.nginx.pid,
+                                 code=self.nginx.proc.returncode, restart_in="1s"))
+            self.nginx_restart_at = now + 1
+        elif now >= self.nginx_restart_at:
+            self.nginx_restart_at = 0.0
+            try:
+                self.nginx.start(self.cfg.listen, preexec_fn=_die_with_supervisor)
+                log.info("%s", _fmt("nginx_started", "nginx", self.nginx.pid))
+            except NginxError as exc:
+                log.error("%s", _fmt("nginx_failed", error=exc))
+
+    def _digest(self) -> str:
+        try:
+            return hashlib.sha256(Path(self.config_path).read_bytes()).hexdigest()
+        except OSError:
+            return self.config_digest
+
+    def _check_config_file(self) -> None:
+        """--watch: poll the file's content (follows symlinks, so ConfigMap swaps count)."""
+        digest = self._digest()
+        if digest != self.config_digest:
+            self.config_digest = digest
+            self.reload("config file changed")
+
+    # -- reload ---------------------------------------------------------------------------
+    def reload(self, reason: str) -> bool:
+        """Apply the config file again, blue/green; a file that fails validation changes
+        nothing. Returns whether the new config is in force."""
+        assert self.cfg is not None and self.nginx is not None
+        log.info("%s", _fmt("reloading", reason=repr(reason)))
+        self.config_digest = self._digest()
+        try:
+            new = configmod.load(self.config_path, self.runtime_override)
+            errors = check_apps(new.apps, self.config_path)
+            if errors:
+                raise ConfigError(errors)
+        except ConfigError as exc:
+            for line in exc.errors:
+                log.error("%s", line)
+            return self._reload_done(False, f"invalid config, nothing changed: "
+                                            f"{'; '.join(exc.errors)}")
+        if new.runtime_dir != self.runtime_dir:
+            log.warning("runtime_dir changes take effect on restart; keeping %s",
+                        self.runtime_dir)
+            new = replace(new, runtime_dir=self.runtime_dir)
+        old_names = set(self.apps)
+        added = [a for a in new.apps if a.name not in old_names]
+        changed = [a for a in new.apps if a.name in old_names
+                   and a.fingerprint() != self.apps[a.name].app.fingerprint()]
+        removed = [n for n in self.apps if new.app(n) is None]
+
+        # 1. start the new pools (green) next to the running ones (blue)
+        fresh = {a.name: AppState(a, self._new_socket_path(a.name)) for a in added + changed}
+        for st in fresh.values():
+            self._start_pool(st)
+        self._wait_ready(list(fresh.values()))
+        if any(s in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT) for s in self.signals):
+            self._retire([st.pool for st in fresh.values() if st.pool])
+            return self._reload_done(False, "interrupted by a stop signal")
+
+        # 2. the new set of apps: a changed app whose new version failed keeps running
+        kept_old = [a.name for a in changed if fresh[a.name].state != "running"]
+        apps: dict[str, AppState] = {}
+        for a in new.apps:
+            if a.name in fresh and a.name not in kept_old:
+                apps[a.name] = fresh[a.name]
+            else:
+                apps[a.name] = self.apps[a.name]
+                if a.name not in kept_old:
+                    apps[a.name].app = a    # unchanged: new line numbers only
+        for name in kept_old:
+            log.error("%s", _fmt("replace_failed", name, error=repr(fresh[name].last_error),
+                                 kept="the running version"))
+            self._retire([fresh[name].pool])
+        old_apps, old_cfg = self.apps, self.cfg
+        self.apps, self.cfg = apps, new
+
+        # 3. point nginx at them: test the config, reload, wait for old workers to drain
+        try:
+            self.nginx.write_config(self._render())
+        except NginxError as exc:
+            self.apps, self.cfg = old_apps, old_cfg
+            self._retire([st.pool for st in fresh.values() if st.pool])
+            return self._reload_done(False, str(exc))
+        self._reload_nginx()
+
+        # 4. only now stop what nginx no longer routes to
+        replaced = [old_apps[a.name].pool for a in changed if a.name not in kept_old]
+        self._retire(replaced + [old_apps[n].pool for n in removed])
+        summary = "; ".join(f"{what}: {', '.join(names)}" for what, names in (
+            ("added", [a.name for a in added]),
+            ("replaced", [a.name for a in changed if a.name not in kept_old]),
+            ("removed", removed), ("failed, kept old", kept_old)) if names) or "no app changes"
+        return self._reload_done(not kept_old, summary)
+
+    def _reload_nginx(self) -> None:
+        """SIGHUP nginx; return once the old workers have exited (drained)."""
+        assert self.nginx is not None and self.cfg is not None
+        before = set(children_of(self.nginx.pid)) if self.nginx.pid else set()
+        self.nginx.reload()
+        deadline = time.monotonic() + self.cfg.grace_period + 5
+        while time.monotonic() < deadline and self.nginx.alive():
+            now = set(children_of(self.nginx.pid))
+            if now - before and not (now & before):
+                break
+            self._sleep(0.05)
+        log.info("%s", _fmt("nginx_reloaded", "nginx", self.nginx.pid))
+
+    def _retire(self, pools: list[Pool | None]) -> None:
+        """TERM pools; the loop reaps them and KILLs any still alive after their grace."""
+        for pool in pools:
+            if pool is None:
+                continue
+            if pool.alive():
+                log.info("%s", _fmt("stopping", pool.app.name, pool.pid))
+                pool.terminate()
+                self.draining.append((pool, time.monotonic() + pool.app.graceful_timeout + 5))
+            else:
+                pool.terminate()
+
+    def _reload_done(self, ok: bool, message: str) -> bool:
+        self.last_reload = {"at": time.time(), "ok": ok, "message": message}
+        log.log(logging.INFO if ok else logging.ERROR, "%s",
+                _fmt("reloaded" if ok else "reload_failed", message=repr(message)))
+        self.write_state()
+        return ok
+
+    def _render(self) -> str:
+        """nginx.conf for the apps as they run now (a failed replacement keeps its old
+        settings), each app routed to its current socket."""
+        assert self.cfg is not None
+        effective = replace(self.cfg, apps=[st.app for st in self.apps.values()])
+        return render(effective, {n: st.socket_path for n, st in self.apps.items()},
+                      self.runtime_dir)
+
+    # -- stop -----------------------------------------------------------------------------
+    def stop(self) -> None:
+        """Stop accepting, drain in-flight requests up to the grace period, stop children."""
+        grace = self.cfg.grace_period if self.cfg else 30
+        log.info("stopping: draining requests for up to %.0fs", grace)
+        if self.nginx is not None and self.nginx.alive():
+            self.nginx.stop(graceful=True)
+            if not self.nginx.wait(grace):
+                self.nginx.stop(graceful=False)
+                self.nginx.wait(5)
+            log.info("%s", _fmt("nginx_stopped", "nginx", self.nginx.pid))
+        pools = [st.pool for st in self.apps.values() if st.pool] + \
+            [p for p, _ in self.draining]
+        for st in self.apps.values():
+            st.state = "stopping"
+        for pool in pools:
+            pool.terminate()
+        # gunicorn gives in-flight requests graceful_timeout after TERM; allow that.
+        limit = time.monotonic() + max([p.app.graceful_timeout for p in pools] or [0]) + 3
+        while any(p.alive() for p in pools) and time.monotonic() < limit:
+            self._sleep(0.05)
+        for pool in pools:
+            if pool.alive():
+                log.warning("%s", _fmt("killed", pool.app.name, pool.pid, reason="grace period"))
+                pool.kill()
+                pool.proc.wait(5)
+            else:
+                log.info("%s", _fmt("stopped", pool.app.name, pool.pid, code=pool.exit_code()))
+        self.draining = []
+        for st in self.apps.values():
+            st.state = "stopped"
+        self.write_state(force=True)
+        log.info("stopped")
+
+    # -- state.json -------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        """The document behind `hostsvc status` (schema: docs/config.md)."""
+        apps = {}
+        for name, st in self.apps.items():
+            pool = st.pool
+            alive = pool is not None and pool.alive()
+            apps[name] = {
+                "prefix": st.app.prefix, "hosts": st.app.hosts, "kind": st.app.kind,
+                "target": st.app.target, "state": st.state,
+                "pid": pool.pid if alive else None,
+                "workers": st.app.workers, "threads": st.app.threads,
+                "worker_pids": st.worker_pids if alive else [],
+                "workers_alive": len(st.worker_pids) if alive else 0,
+                "restarts": st.restarts, "generation": st.generation,
+                "socket": st.socket_path,
+                "started_at": pool.started_at if pool else None,
+                "ready_at": pool.ready_at or None if pool else None,
+                "last_error": st.last_error,
+            }
+        return {
+            "version": STATE_VERSION,
+            "supervisor_pid": os.getpid(),
+            "config_path": self.cfg.path if self.cfg else self.config_path,
+            "runtime_dir": self.runtime_dir,
+            "listen": self.cfg.listen if self.cfg else [],
+            "started_at": self.started_at,
+            "nginx": {"pid": self.nginx.pid if self.nginx and self.nginx.alive() else None,
+                      "state": "running" if self.nginx and self.nginx.alive() else "stopped"},
+            "last_reload": self.last_reload,
+            "apps": apps,
+        }
+
+    def write_state(self, force: bool = False) -> None:
+        """Rewrite RUNTIME/state.json atomically if anything in it changed."""
+        if time.monotonic() >= self._next_scan or force:
+            self._next_scan = time.monotonic() + 1.0
+            for st in self.apps.values():
+                st.worker_pids = st.pool.worker_pids() if st.pool and st.state == "running" \
+                    else []
+        doc = self.state()
+        text = json.dumps(doc, indent=2, sort_keys=True)
+        if text == self._last_state and not force:
+            return
+        self._last_state = text
+        doc["updated_at"] = time.time()
+        _atomic_write(Path(self.runtime_dir, "state.json"),
+                      json.dumps(doc, indent=2, sort_keys=True) + "\n")
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True

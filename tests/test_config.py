@@ -1,0 +1,233 @@
+"""hostsvc.config: YAML with lines, ${VAR} expansion, schema, defaults, file:line:key errors;
+plus `hostsvc check` end to end (it imports the apps in throwaway processes)."""
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from hostsvc import cli
+from hostsvc.config import ConfigError, load
+from hostsvc.proxy import render
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def write(tmp_path: Path, text: str, name: str = "hostsvc.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text).lstrip("\n"))
+    return path
+
+
+def errors_of(path: Path, **kw) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        load(path, **kw)
+    return info.value.errors
+
+
+def test_two_line_entries_get_defaults(tmp_path: Path) -> None:
+    path = write(tmp_path, """
+        apps:
+          - name: hello
+            root: hello:Root
+          - prefix: /api/v1
+            wsgi: api:app
+    """)
+    cfg = load(path)
+    hello, api = cfg.apps
+    assert (hello.name, hello.prefix, hello.kind, hello.target) == ("hello", "/hello", "root",
+                                                                    "hello:Root")
+    assert (api.name, api.prefix, api.kind) == ("api-v1", "/api/v1", "wsgi")
+    assert (hello.workers, hello.threads, hello.timeout, hello.max_requests) == (2, 1, 30, 0)
+    assert cfg.listen == ["127.0.0.1:8080"] and cfg.access_log == "json"
+    assert cfg.runtime_dir == str(Path("run").resolve())
+
+
+def test_error_names_file_line_key_and_expectation(tmp_path: Path) -> None:
+    path = write(tmp_path, """
+        apps:
+          - name: hello
+            root: hello:Root
+          - name: other
+            root: other:Root
+            workers: two
+    """)
+    assert errors_of(path) == [
+        f"{path}:6: apps[1].workers: expected a positive integer, got 'two'"]
+
+
+def test_every_error_is_reported_at_once(tmp_path: Path) -> None:
+    path = write(tmp_path, """
+        listen: nowhere:99999
+        acces_log: json
+        apps:
+          - name: a
+            prefix: a
+            root: a:Root
+          - name: a
+            root: b
+            threads: 0
+            colour: blue
+          - name: c
+            root: c:Root
+            wsgi: c:app
+    """)
+    errors = errors_of(path)
+    joined = "\n".join(errors)
+    assert f"{path}:1: listen: expected host:port" in joined
+    assert f"{path}:2: acces_log: unknown key; expected one of:" in joined
+    assert f"{path}:5: apps[0].prefix: expected a path starting with '/'" in joined
+    assert f"{path}:8: apps[1].root: expected 'package.module:attribute', got 'b'" in joined
+    assert f"{path}:9: apps[1].threads: expected a positive integer, got 0" in joined
+    assert f"{path}:10: apps[1].colour: unknown key" in joined
+    assert f"{path}:11: apps[2]: expected exactly one of root:" in joined
+    assert f"{path}:7: apps[1].name: duplicate app name 'a' (also apps[0])" in joined
+
+
+def test_duplicate_prefixes_and_yaml_keys(tmp_path: Path) -> None:
+    path = write(tmp_path, """
+        apps:
+          - name: one
+            prefix: /shop/
+            root: a:Root
+          - name: two
+            prefix: /shop
+            root: b:Root
+    """)
+    assert errors_of(path) == [f"{path}:5: apps[1].prefix: duplicate prefix '/shop' "
+                               "(also apps[0])"]
+    path = write(tmp_path, """
+        apps:
+          - name: one
+            root: a:Root
+            name: two
+    """)
+    [error] = errors_of(path)
+    assert error.startswith(f"{path}:4: invalid YAML: duplicate key 'name' (first on line 2)")
+
+
+def test_same_prefix_on_different_hosts_is_fine(tmp_path: Path) -> None:
+    path = write(tmp_path, """
+        apps:
+          - {name: a, prefix: /, hosts: [a.example], root: a:Root}
+          - {name: b, prefix: /, hosts: [b.example], root: b:Root}
+    """)
+    assert [a.hosts for a in load(path).apps] == [["a.example"], ["b.example"]]
+
+
+def test_env_expansion_keeps_types_and_reports_unset(tmp_path: Path) -> None:
+    path = write(tmp_path, """
+        listen: ${PORT:-9000}
+        apps:
+          - name: hello
+            root: hello:Root
+            workers: ${WORKERS}
+            env: {PRICE: "$$5", WHO: "${WHO:-nobody}"}
+    """)
+    cfg = load(path, environ={"WORKERS": "3"})
+    assert cfg.listen == ["9000"]
+    assert cfg.apps[0].workers == 3
+    assert cfg.apps[0].env == {"PRICE": "$5", "WHO": "nobody"}
+    assert errors_of(path, environ={}) == [
+        f"{path}:5: ${{WORKERS}} is not set and has no default (write ${{WORKERS:-value}})"]
+
+
+def test_paths_resolve_relative_to_the_config_file(tmp_path: Path) -> None:
+    (tmp_path / "site" / "public").mkdir(parents=True)
+    (tmp_path / "conf").mkdir()
+    path = write(tmp_path / "conf", """
+        python_path: [../site]
+        apps:
+          - name: hello
+            root: hello:Root
+            python_path: [extra]
+        static:
+          - prefix: /files
+            path: ../site/public
+          - prefix: /missing
+            path: ../nope
+    """)
+    errors = errors_of(path)
+    assert errors == [f"{path}:10: static[1].path: expected an existing directory, got "
+                      f"'../nope' ({tmp_path / 'nope'})"]
+    path.write_text(path.read_text().replace("  - prefix: /missing\n    path: ../nope\n", ""))
+    cfg = load(path)
+    assert cfg.apps[0].python_path == [str(tmp_path / "conf" / "extra"), str(tmp_path / "site")]
+    assert cfg.static[0].path == str(tmp_path / "site" / "public")
+
+
+def test_yaml_syntax_error_has_a_line(tmp_path: Path) -> None:
+    path = write(tmp_path, "apps:\n  - name: a\n    root: [unclosed\n")
+    [error] = errors_of(path)
+    assert error.startswith(f"{path}:") and "invalid YAML" in error
+
+
+def test_rendered_nginx_config_routes_and_forwards(tmp_path: Path) -> None:
+    path = write(tmp_path, """
+        listen: 127.0.0.1:8123
+        access_log: text
+        apps:
+          - {name: a, prefix: /, root: a:Root}
+          - {name: deep, prefix: /a/b, wsgi: d:app, threads: 4, client_max_body_size: 10m}
+    """)
+    cfg = load(path)
+    text = render(cfg, {"a": "/r/a.1.sock", "deep": "/r/deep.3.sock"}, "/r")
+    assert "server unix:/r/deep.3.sock fail_timeout=0;\n        keepalive 16;" in text
+    assert text.index("location /a/b/ {") < text.index("location / {")   # longest first
+    assert "location = /a/b {\n            return 301 /a/b/$is_args$args;" in text
+    assert 'proxy_set_header X-Request-Start "t=${msec}";' in text
+    assert "client_max_body_size 10m;" in text
+    assert "error_page 502 =503 @hostsvc_unavailable;" in text
+    assert "user " not in text and "pid /r/nginx.pid;" in text
+    assert "access_log /dev/stdout combined;" in text
+    assert "return 444" not in text
+
+
+def test_hosts_add_a_444_default_server(tmp_path: Path) -> None:
+    path = write(tmp_path, """
+        apps:
+          - {name: a, hosts: [a.example], root: a:Root}
+          - {name: b, root: b:Root}
+    """)
+    text = render(load(path), {"a": "/r/a.sock", "b": "/r/b.sock"}, "/r")
+    assert "server_name a.example;" in text
+    assert "server_name _;\n        return 444;" in text
+
+
+def test_check_command_reports_import_errors(tmp_path: Path, capsys) -> None:
+    (tmp_path / "good.py").write_text("def app(environ, start_response):\n    return []\n")
+    (tmp_path / "bad.py").write_text("import os\nraise RuntimeError('no database')\n")
+    path = write(tmp_path, """
+        python_path: [.]
+        apps:
+          - name: good
+            wsgi: good:app
+          - name: bad
+            wsgi: bad:app
+          - name: missing
+            root: nosuchmodule:Root
+          - name: noattr
+            wsgi: good:nothing
+    """)
+    assert cli.main(["check", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert f"{path}:6: apps[1].wsgi: importing 'bad' failed: RuntimeError: no database " \
+           f"(at {tmp_path / 'bad.py'}:2)" in err
+    assert f"{path}:8: apps[2].root: cannot import 'nosuchmodule': no module named " \
+           f"'nosuchmodule'" in err
+    assert f"{path}:10: apps[3].wsgi: module 'good'" in err and "has no attribute 'nothing'" in err
+    assert "apps[0]" not in err and "3 error(s)" in err
+
+
+def test_check_command_accepts_the_default_config(capsys) -> None:
+    assert cli.main(["check", str(REPO / "config" / "hostsvc.yaml")]) == 0
+    assert "ok (2 apps, 1 static mounts" in capsys.readouterr().out
+
+
+def test_help_explains_every_command(capsys) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    out = capsys.readouterr().out
+    for word in ("run [CONFIG]", "check CONFIG", "reload [CONFIG]", "status", "examples:"):
+        assert word in out
