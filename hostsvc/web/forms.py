@@ -1,12 +1,17 @@
 """Parsing query strings and request bodies into handler keyword arguments."""
 from __future__ import annotations
 
+import re
 import urllib.parse
 from typing import Any, BinaryIO
 
 import multipart
 
 from .errors import HTTPError
+
+
+# A "%" not followed by two hex digits: urllib would pass it through silently.
+BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 
 
 def add_param(params: dict[str, Any], key: str, value: Any) -> None:
@@ -36,6 +41,8 @@ def parse_query(qs: str, encoding: str = "utf-8") -> dict[str, Any]:
             if "+" in pair:
                 key, value = key.replace("+", " "), value.replace("+", " ")
             if "%" in pair:
+                if BAD_ESCAPE.search(pair):
+                    raise HTTPError(400, "The query string has a malformed percent-escape.")
                 key = unquote(key, encoding, "strict")
                 value = unquote(value, encoding, "strict")
             add_param(params, key, value)

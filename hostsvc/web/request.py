@@ -12,7 +12,7 @@ from http.cookies import CookieError, SimpleCookie
 from typing import Any, BinaryIO
 
 from .errors import HTTPError
-from .forms import UploadedFile, parse_multipart, parse_query
+from .forms import BAD_ESCAPE, UploadedFile, parse_multipart, parse_query
 from .headers import HeaderMap
 
 METHODS_WITH_BODIES = frozenset(("POST", "PUT", "PATCH"))
@@ -110,7 +110,9 @@ class Request:
         self.method: str = environ["REQUEST_METHOD"]
         script_name = wsgi_to_str(environ.get("SCRIPT_NAME", ""))
         path_info = wsgi_to_str(environ.get("PATH_INFO", "") or "/")
-        self.valid_path = script_name is not None and path_info is not None
+        raw = environ.get("RAW_URI")
+        self.valid_path = script_name is not None and path_info is not None and not (
+            raw and "%" in raw and BAD_ESCAPE.search(raw.split("?", 1)[0]))
         self.script_name: str = script_name if script_name is not None else ""
         self.path_info: str = path_info if path_info is not None else "/"
         self.query_string: str = environ.get("QUERY_STRING", "")

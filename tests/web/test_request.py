@@ -130,6 +130,14 @@ def test_invalid_utf8_in_query_or_path_is_400():
         "Content-Type": "application/x-www-form-urlencoded"}).code == 400
 
 
+def test_malformed_percent_escapes_are_400():
+    assert client.get("/echo?a=%zz").code == 400
+    assert client.get("/echo?a=100%").code == 400
+    assert client.get("/echo?a=100%25").text == repr([("a", "100%")])
+    r = client.request("GET", "/echo", environ={"RAW_URI": "/ec%zho"})
+    assert r.code == 400
+
+
 def test_request_attributes_and_headers():
     r = client.get("/info?q=1", headers={"X-Custom": "yes", "Cookie": "c=cookie; bad"})
     assert r.text == "GET||/info|q=1|yes|127.0.0.1|http://testserver|cookie"
