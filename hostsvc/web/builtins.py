@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 from . import encoding, httptools, jsontools
+from . import sessions, static
+from .tools import HandlerTool
 from .tools import Tool, Toolbox
 
 tools = Toolbox("tools")
@@ -17,3 +19,6 @@ tools.response_headers = Tool("on_start_resource", httptools.response_headers)
 tools.expires = Tool("before_finalize", httptools.expires)
 tools.encode = Tool("before_finalize", encoding.encode, priority=70)
 tools.gzip = Tool("before_finalize", encoding.gzip, priority=80)
+tools.sessions = sessions.SessionTool()
+tools.staticdir = HandlerTool(static.staticdir)
+tools.staticfile = HandlerTool(static.staticfile)
