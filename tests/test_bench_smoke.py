@@ -1,0 +1,38 @@
+"""Smoke test of the framework benchmark: `bench/web.py --quick` runs end to end.
+
+It checks that every server starts, every row is served and parsed, and the ratio and
+per-request cost lines are printed. It asserts no speed: CI machines are shared and
+noisy, so a threshold here would fail for reasons that are not regressions.
+"""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+ROW = re.compile(r"^([a-e])  .*?\s([\d.]+) req/s  p50\s+[\d.]+ ms  p99\s+[\d.]+ ms  errors (\d+)$",
+                 re.M)
+
+
+def test_quick_benchmark_prints_every_row_and_ratio() -> None:
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "web.py"), "--quick"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    out = proc.stdout
+    assert proc.returncode == 0, out + proc.stderr
+
+    rows = ROW.findall(out)
+    # 5 cases (a-e) on 2 servers (gunicorn sync, CherryPy's own server).
+    assert sorted(key for key, _, _ in rows) == sorted("abcde" * 2), out
+    for key, rps, _errors in rows:
+        assert float(rps) > 0, f"row {key} served nothing:\n{out}"
+
+    for name in ("b/a ", "c/a ", "b/d ", "c/e ", "a/d ", "b/d' ", "d'/d "):
+        assert re.search(rf"^ratio {re.escape(name)}.*\d+\.\d+x .*(PASS|MISS|info)$", out,
+                         re.M), f"missing ratio {name}:\n{out}"
+    assert len(re.findall(r"^ratio .*(PASS|MISS)$", out, re.M)) == 2, out
+
+    for key in "bcde":
+        assert re.search(rf"^us/call  {key} .*framework cost\s+-?[\d.]+ us/request$", out,
+                         re.M), f"missing framework cost of row {key}:\n{out}"
