@@ -211,7 +211,7 @@ def _call_handler(handler: Callable[..., Any], vpath: list[str], req: Request) -
     try:
         return handler(*vpath, **params)
     except TypeError:
-        _check_signature(handler, vpath, params, req.form)
+        _check_signature(getattr(handler, "__wrapped__", handler), vpath, params, req.form)
         raise
 
 

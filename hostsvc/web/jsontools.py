@@ -47,6 +47,20 @@ def json_out(content_type: str | None = "application/json",
     if req.handler is None or isinstance(req.handler, HTTPError):
         return
     req._json_inner_handler = req.handler
-    req.handler = handler
+    req.handler = _Wrapped(handler, req.handler)
     if content_type is not None:
         serving.response.headers["Content-Type"] = content_type
+
+
+class _Wrapped:
+    """The outer handler, remembering the inner one so argument mismatches are judged
+    against the signature the user wrote (404/400), not the wrapper's."""
+
+    __slots__ = ("outer", "__wrapped__")
+
+    def __init__(self, outer: Callable[..., Any], inner: Callable[..., Any]) -> None:
+        self.outer = outer
+        self.__wrapped__ = inner
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.outer(*args, **kwargs)
