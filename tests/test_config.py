@@ -179,7 +179,7 @@ def test_rendered_nginx_config_routes_and_forwards(tmp_path: Path) -> None:
     assert 'proxy_set_header X-Request-Start "t=${msec}";' in text
     assert "client_max_body_size 10m;" in text
     assert "error_page 502 =503 @hostsvc_unavailable;" in text
-    assert "user " not in text and "pid /r/nginx.pid;" in text
+    assert "pid /r/nginx.pid;" in text and "temp_path /r/nginx/" in text
     assert "access_log /dev/stdout combined;" in text
     assert "return 444" not in text
 

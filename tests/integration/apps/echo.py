@@ -1,0 +1,28 @@
+"""A raw WSGI app that echoes what it was given, as JSON (for the integration tests)."""
+import json
+import os
+import time
+from urllib.parse import parse_qs
+
+
+def app(environ, start_response):
+    query = parse_qs(environ.get("QUERY_STRING", ""))
+    if "sleep" in query:
+        time.sleep(float(query["sleep"][0]))
+    body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+    doc = {
+        "script_name": environ.get("SCRIPT_NAME"),
+        "path_info": environ.get("PATH_INFO"),
+        "query": environ.get("QUERY_STRING"),
+        "greeting": os.environ.get("GREETING"),
+        "app": os.environ.get("HOSTSVC_APP"),
+        "pid": os.getpid(),
+        "ppid": os.getppid(),
+        "body_length": len(body),
+        "headers": {k[5:].replace("_", "-").title(): v for k, v in environ.items()
+                    if k.startswith("HTTP_")},
+    }
+    out = json.dumps(doc).encode()
+    start_response("200 OK", [("Content-Type", "application/json"),
+                              ("Content-Length", str(len(out)))])
+    return [out]
