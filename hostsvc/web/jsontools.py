@@ -20,12 +20,16 @@ def json_in(content_type: str | Iterable[str] = ("application/json", "text/javas
             force: bool = True, processor: Callable[[], None] = json_processor) -> None:
     """Require (with `force`) and parse a JSON request body into `request.json`.
 
-    A body of another media type is a 415; an empty or malformed one a 400. Methods
-    without a body (GET, DELETE, ...) pass through untouched.
+    A body of another media type is a 415; a malformed one a 400. Requests without a
+    body (GET, DELETE, an empty POST) pass through untouched, as in CherryPy.
     """
     req = serving.request
-    if not req.process_request_body:
-        return
+    if not req.process_request_body or isinstance(req.handler, HTTPError):
+        return  # no body expected, or dispatch already failed (405/404 is the answer)
+    env = req.wsgi_environ
+    if env.get("CONTENT_LENGTH", "0") in ("0", "") and \
+            env.get("HTTP_TRANSFER_ENCODING", "").lower() != "chunked":
+        return  # an empty body is not "another media type"
     accepted = (content_type,) if isinstance(content_type, str) else tuple(content_type)
     if req.content_type in accepted:
         req.process_request_body = False
