@@ -55,7 +55,6 @@ plant a known id in a victim's browser and wait for them to log in.
 """
 from __future__ import annotations
 
-import errno
 import fcntl
 import hashlib
 import hmac
@@ -207,6 +206,7 @@ class FileStore(Store):
     """
 
     PREFIX = "session-"
+    TMP_PREFIX = ".tmp-"
 
     def __init__(self, storage_path: str | None = None, timeout: float = 60,
                  lock_timeout: float = 30, clean_freq: float = 5) -> None:
@@ -245,7 +245,7 @@ class FileStore(Store):
         return (token, data) if isinstance(data, dict) else None
 
     def save(self, sid: str, payload: str) -> str:
-        fd, tmp = tempfile.mkstemp(dir=self.path, prefix=".tmp-")
+        fd, tmp = tempfile.mkstemp(dir=self.path, prefix=self.TMP_PREFIX)
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as fh:
                 fh.write(payload)
@@ -302,14 +302,21 @@ class FileStore(Store):
             self._clean_guard.release()
 
     def clean(self) -> None:
-        """Remove expired sessions and their lock files.
+        """Remove expired sessions, their lock files, and writes a crash left behind.
 
-        Each is removed under its own lock, taken without waiting: a session in use by a
-        request is not expired, whatever its mtime says, and is left for the next pass.
+        Each session is removed under its own lock, taken without waiting: a session in
+        use by a request is not expired, whatever its mtime says, and is left for the
+        next pass.
         """
         cutoff = time.time() - self.timeout
         with os.scandir(self.path) as entries:
-            names = [e.name for e in entries if e.name.startswith(self.PREFIX)]
+            names = []
+            for entry in entries:
+                if entry.name.startswith(self.PREFIX):
+                    names.append(entry.name)
+                elif entry.name.startswith(self.TMP_PREFIX) and \
+                        entry.stat().st_mtime < cutoff:
+                    _unlink(entry.path)
         sids = {n[len(self.PREFIX):].removesuffix(".lock") for n in names}
         for sid in sids:
             path = self._file(sid)
@@ -356,9 +363,6 @@ def _unlink(path: str) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
-    except OSError as exc:
-        if exc.errno != errno.ENOENT:
-            raise
 
 
 class RedisStore(Store):

@@ -17,6 +17,8 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
+from .ports import free_port
+
 STARTUP_SECONDS = 10
 
 
@@ -31,7 +33,7 @@ class RedisServer:
     def _start(self, binary: str) -> tuple[int, subprocess.Popen]:
         # A free port can be taken between our probe and redis binding it: retry then.
         for _ in range(5):
-            port = _free_port()
+            port = free_port()
             with open(self.workdir / f"redis-{port}.log", "wb") as log:
                 proc = subprocess.Popen(
                     [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
@@ -55,12 +57,6 @@ class RedisServer:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _wait_for_pong(port: int, proc: subprocess.Popen) -> bool:

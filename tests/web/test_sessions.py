@@ -2,12 +2,15 @@
 expiry, regeneration, tampering, unknown ids, cookie flags and concurrent requests."""
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import stat
+import sys
 import threading
 import time
 from pathlib import Path
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 import pytest
@@ -15,7 +18,10 @@ import pytest
 from hostsvc import web
 from hostsvc.web.sessions import SECRET_ENV
 from hostsvc.web.testing import Client, TestResponse
+from support.gunicorn_server import gunicorn
 from support.redis_server import RedisServer, redis_server_fixture
+
+HERE = Path(__file__).parent
 
 SECRET = "s" * 40
 redis_server = redis_server_fixture()
@@ -184,6 +190,10 @@ def test_regenerate_changes_id_and_keeps_data(backend: dict[str, Any]) -> None:
     assert c.get("/id").text == new
     assert c.get("/get?key=user").json() == "ann"
     assert c.get("/get").json() == 1
+    if backend["storage_type"] != "cookie":
+        # The id from before login (which an attacker may have planted) is now worthless.
+        c.cookies["session_id"] = before
+        assert c.get("/get?key=user").json() is None
 
 
 def test_delete_expires_cookie_and_data(backend: dict[str, Any]) -> None:
@@ -462,13 +472,15 @@ def test_cleanup_removes_expired_sessions_and_locks(tmp_path: Path) -> None:
     for sid in (dead, live):
         (store_dir / f"session-{sid}").write_text("{}")
         (store_dir / f"session-{sid}.lock").write_text("")
-    orphan_lock = store_dir / ("session-" + "O" * 43 + ".lock")
-    orphan_lock.write_text("")
+    (store_dir / ("session-" + "O" * 43 + ".lock")).write_text("")
+    (store_dir / ".tmp-crashed").write_text("{}")
+    (store_dir / ".tmp-in-flight").write_text("{}")
     past = time.time() - 3601
     os.utime(store_dir / f"session-{dead}", (past, past))
+    os.utime(store_dir / ".tmp-crashed", (past, past))
     file_client(tmp_path).get("/untouched")  # cleanup runs after the first response
     names = sorted(p.name for p in store_dir.iterdir())
-    assert names == [f"session-{live}", f"session-{live}.lock"]
+    assert names == [".tmp-in-flight", f"session-{live}", f"session-{live}.lock"]
 
 
 def run_concurrently(clients: list[Client], path: str, times: int) -> list[str]:
@@ -605,3 +617,42 @@ def test_two_hosts_share_redis_sessions(redis_server: RedisServer) -> None:
     host_a.get("/set?key=user&value=ann")
     host_b.cookies = dict(host_a.cookies)
     assert host_b.get("/get?key=user").json() == "ann"
+
+
+def test_missing_redis_client_is_a_clear_error(monkeypatch: pytest.MonkeyPatch,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setitem(sys.modules, "redis", None)  # what `import redis` meets when absent
+    c = Client(app(storage_type="redis", url="redis://127.0.0.1:1/0", key_prefix="absent:"))
+    assert_fails_logging(c, "/incr", caplog, "pip install", "redis")
+
+
+# -- two gunicorn worker processes ---------------------------------------------------
+def http_incr(port: int, cookie: str | None) -> tuple[str, str | None, str]:
+    """GET /incr over HTTP: (body, the session cookie set if any, the worker's pid)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("GET", "/incr", headers={"Cookie": cookie} if cookie else {})
+    resp = conn.getresponse()
+    body = resp.read().decode()
+    conn.close()
+    assert resp.status == 200, body
+    set_cookie = resp.getheader("Set-Cookie")
+    return (body, set_cookie.split(";", 1)[0] if set_cookie else None,
+            resp.getheader("X-Worker-Pid"))
+
+
+def test_two_gunicorn_processes_share_locked_sessions(server_backend: dict[str, Any]
+                                                     ) -> None:
+    """Two servers (separate processes, as two workers or two hosts are) increment one
+    session concurrently: none of the increments may be lost between them."""
+    env = {"HOSTSVC_TEST_SESSIONS": json.dumps(server_backend)}
+    app_spec = "sessions_static_app:application"
+    with gunicorn(app_spec, HERE, env, workers=1) as port_a, \
+            gunicorn(app_spec, HERE, env, workers=1) as port_b:
+        first, cookie, _ = http_incr(port_a, None)
+        assert first == "1" and cookie is not None
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(lambda i: http_incr((port_a, port_b)[i % 2], cookie),
+                                    range(40)))
+        assert len({pid for _, _, pid in answers}) == 2
+        assert sorted(int(body) for body, _, _ in answers) == list(range(2, 42))
+        assert http_incr(port_b, cookie)[0] == "42"

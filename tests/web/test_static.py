@@ -2,6 +2,7 @@
 and every way we know of to ask for a file outside the static root."""
 from __future__ import annotations
 
+import http.client
 import os
 from email.utils import formatdate
 from pathlib import Path
@@ -10,6 +11,7 @@ import pytest
 
 from hostsvc import web
 from hostsvc.web.testing import Client
+from support.gunicorn_server import gunicorn
 
 CSS = b"body { color: red }\n"
 DATA = bytes(range(256)) * 4  # 1024 bytes
@@ -385,3 +387,40 @@ def test_serve_file_missing_is_404_and_relative_is_an_error(tree: Path) -> None:
     c = make_client(tree)
     assert c.get("/missing").code == 404
     assert c.get("/relative").code == 500
+
+
+# -- under a real gunicorn -------------------------------------------------------------
+def raw_get(port: int, path: str, headers: dict[str, str] | None = None
+            ) -> tuple[int, dict[str, str], bytes]:
+    """GET with the path sent exactly as written (no client-side normalisation)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request("GET", path, headers=headers or {})
+    resp = conn.getresponse()
+    body = resp.read()
+    conn.close()
+    return resp.status, {k.lower(): v for k, v in resp.getheaders()}, body
+
+
+def test_under_gunicorn_files_ranges_and_traversal(tree: Path) -> None:
+    big = tree / "big.bin"
+    big.write_bytes(os.urandom(300_000))  # several file_wrapper blocks
+    payload = big.read_bytes()
+    env = {"HOSTSVC_TEST_STATIC_DIR": str(tree)}
+    with gunicorn("sessions_static_app:application", Path(__file__).parent, env,
+                  workers=1) as port:
+        status, headers, body = raw_get(port, "/static/big.bin")
+        assert status == 200 and body == payload
+        assert headers["content-length"] == str(len(payload))
+        status, headers, body = raw_get(port, "/static/big.bin",
+                                        {"Range": "bytes=100000-200000"})
+        assert status == 206 and body == payload[100000:200001]
+        assert headers["content-range"] == f"bytes 100000-200000/{len(payload)}"
+        status, _, body = raw_get(port, "/static/big.bin",
+                                  {"If-None-Match": headers["etag"]})
+        assert status == 304 and body == b""
+        for path in ("/static/../secret", "/static/%2e%2e/secret", "/static/..%2fsecret",
+                     "/static/%2e%2e%2fsecret", "/static/..%5csecret", "/static/leak",
+                     "/static/secret%00", "/static/css/..%2f..%2fsecret"):
+            status, _, body = raw_get(port, path)
+            assert status == (404 if path == "/static/leak" else 403), path
+            assert b"SECRET" not in body, path
