@@ -268,7 +268,7 @@ class FileStore(Store):
     def delete(self, sid: str) -> None:
         _unlink(self._file(sid))
 
-    def acquire(self, sid: str) -> int:
+    def acquire(self, sid: str) -> tuple[int, str]:
         path = self._file(sid) + ".lock"
         deadline = time.monotonic() + self.lock_timeout
         delay = 0.002
@@ -282,14 +282,23 @@ class FileStore(Store):
                 except FileNotFoundError:
                     same = False
                 if same:
-                    return fd
+                    return fd, sid
             os.close(fd)
             if time.monotonic() >= deadline:
                 raise HTTPError(503, "The session is busy with another request; "
                                      "try again.")
 
-    def release(self, handle: int) -> None:
-        os.close(handle)  # closing the descriptor drops its flock
+    def release(self, handle: tuple[int, str]) -> None:
+        fd, sid = handle
+        try:
+            if not os.path.exists(self._file(sid)):
+                # Ids are never reused, so a lock whose session is gone (deleted, or an
+                # unknown id a client sent) is never needed again: remove it while we
+                # hold it, so clients sending random ids leave no files behind. Anyone
+                # waiting on it notices the unlink and retries on a fresh file.
+                _unlink(self._file(sid) + ".lock")
+        finally:
+            os.close(fd)  # closing the descriptor drops its flock
 
     def after_request(self) -> None:
         now = time.time()
