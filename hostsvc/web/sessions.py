@@ -14,9 +14,11 @@ Backends (`storage_type`, or `storage_class` for a `Store` subclass of your own)
 - "cookie" (default): the whole session travels in the cookie as JSON with its expiry,
   signed with HMAC-SHA256 under `secret` (or the HOSTSVC_SESSION_SECRET environment
   variable). Nothing is stored on the server, so it works across hosts and processes
-  with no setup; the price is the ~4 KB cookie limit and that a stolen cookie stays valid
-  until it expires (a logout cannot revoke copies of it). Tampered or expired cookies
-  give a fresh, empty session.
+  with no setup. The prices: the ~4 KB cookie limit; the content is signed, not
+  encrypted, so the user can read (not change) it: keep secrets out; and a copied cookie
+  stays valid until it expires (a logout cannot revoke copies of it). Tampered or
+  expired cookies give a fresh, empty session. The cookie is re-signed on every
+  response that has a session, to slide its expiry.
 - "file": one JSON file per session under `storage_path`, written atomically; for one
   host. Expired files are removed every `clean_freq` minutes after a response is sent.
 - "redis": one key per session with a TTL, at `url` (redis://host:6379/0); for many
@@ -88,6 +90,7 @@ _ID_RE = re.compile(r"[A-Za-z0-9_-]{43}")
 
 
 def new_id() -> str:
+    """256 bits from the OS's CSPRNG, so ids cannot be guessed; URL- and cookie-safe."""
     return secrets.token_urlsafe(32)
 
 
@@ -108,7 +111,8 @@ class Store:
 
     A store is shared by all threads of a process (one per distinct configuration), so
     its methods must be thread-safe. `token` is what the session cookie holds; for stores
-    that keep data server-side it is the session id itself.
+    that keep data server-side it is the session id itself, and only tokens shaped like
+    `new_id()` ones reach them, so a store may use ids in file names or keys as they are.
     """
 
     stateless = False
@@ -136,6 +140,7 @@ class Store:
         raise NotImplementedError
 
     def delete(self, sid: str) -> None:
+        """Remove `sid`'s data; already gone is fine (two tabs logging out at once)."""
         raise NotImplementedError
 
     def acquire(self, sid: str) -> Any:
@@ -580,8 +585,9 @@ class Session(MutableMapping):
             lock, self._lock, self._lock_id = self._lock, None, None
             self.store.release(lock)
 
-    def save(self, settings: "CookieSettings") -> None:
-        """Persist changes (or refresh the expiry) and set or expire the cookie."""
+    def finish(self, settings: "CookieSettings") -> None:
+        """Persist changes (or refresh the expiry) and set or expire the cookie; the
+        sessions tool calls this at before_finalize."""
         store = self.store
         for sid in self._stale:
             store.delete(sid)
@@ -697,7 +703,7 @@ def _start(store: Store, locking: str, name: str) -> None:
 def _finish(cookie: CookieSettings) -> None:
     session = serving.request.session
     if session is not None:
-        session.save(cookie)
+        session.finish(cookie)
 
 
 def _release() -> None:
