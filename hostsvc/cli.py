@@ -167,7 +167,7 @@ def cmd_reload(args: argparse.Namespace) -> int:
         return 1
     running = state.get("config_path")
     config = args.config or running
-    if args.config and running and Path(args.config).resolve() != Path(running):
+    if args.config and running and os.path.abspath(args.config) != running:
         print(f"hostsvc: the supervisor runs {running}; edit that file (or restart with "
               f"{args.config})", file=sys.stderr)
         return 1

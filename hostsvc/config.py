@@ -397,7 +397,9 @@ def validate(doc: Any, source: str, base_dir: Path | None = None,
     `base_dir` (default: the config file's directory) anchors relative paths in the file;
     `runtime_dir` overrides the file's runtime_dir (the CLI's --runtime-dir).
     """
-    base = base_dir or Path(source).resolve().parent
+    # abspath, not resolve(): a ConfigMap's file is a symlink into a versioned dir, and
+    # relative paths mean "next to the file the user named".
+    base = base_dir or Path(os.path.abspath(source)).parent
     c = _Checker(source, base)
     if doc is None:
         doc = Mapping(); doc.line = 1; doc.key_lines = {}
@@ -414,7 +416,7 @@ def validate(doc: Any, source: str, base_dir: Path | None = None,
     top_paths = [c.resolve_path(p) for p in c.get(doc, "python_path", "",
                                                   "a list of directories", _string_list, [])]
     cfg = Config(
-        path=str(Path(source).resolve()),
+        path=os.path.abspath(source),
         listen=listen,
         runtime_dir=str(Path(os.path.expanduser(rdir)).resolve()),
         access_log=c.get(doc, "access_log", "", "one of json, text, off",

@@ -81,18 +81,25 @@ def survivors(pids: dict[int, int]) -> list[int]:
     return alive
 
 
+def fill(text: str, port: int) -> str:
+    """Dedent a config and fill in `{port}` and `{apps}` (tests/integration/apps)."""
+    return textwrap.dedent(text).lstrip("\n").replace("{port}", str(port)) \
+        .replace("{apps}", str(TEST_APPS))
+
+
 class Service:
     """One `hostsvc run` under test."""
 
-    def __init__(self, workdir: Path, config_text: str, watch: bool = False,
-                 config_name: str = "hostsvc.yaml") -> None:
+    def __init__(self, workdir: Path, config_text: str | None, watch: bool = False,
+                 config_name: str = "hostsvc.yaml", port: int | None = None) -> None:
         self.workdir = workdir
-        self.port = free_port()
+        self.port = port or free_port()
         self.runtime_dir = workdir / "run"
         self.config_path = workdir / config_name
         self.stdout_path = workdir / "stdout.log"
         self.stderr_path = workdir / "stderr.log"
-        self.write_config(config_text)
+        if config_text is not None:       # None: the test laid out the file itself
+            self.write_config(config_text)
         cmd = [sys.executable, "-m", "hostsvc", "run", str(self.config_path),
                "--runtime-dir", str(self.runtime_dir)] + (["--watch"] if watch else [])
         self.proc = subprocess.Popen(cmd, stdout=self.stdout_path.open("wb"),
@@ -102,8 +109,7 @@ class Service:
 
     def write_config(self, text: str, path: Path | None = None) -> None:
         """Write a config; `{port}` and `{apps}` are filled in."""
-        text = textwrap.dedent(text).lstrip("\n").replace("{port}", str(self.port)) \
-            .replace("{apps}", str(TEST_APPS))
+        text = fill(text, self.port)
         target = path or self.config_path
         tmp = target.with_name(target.name + ".tmp")
         tmp.write_text(text)
@@ -174,9 +180,9 @@ def hostsvc(tmp_path: Path):
     """
     started: list[Service] = []
 
-    def start(config_text: str, watch: bool = False, wait: bool = True,
-              config_name: str = "hostsvc.yaml") -> Service:
-        svc = Service(tmp_path, config_text, watch=watch, config_name=config_name)
+    def start(config_text: str | None, watch: bool = False, wait: bool = True,
+              config_name: str = "hostsvc.yaml", port: int | None = None) -> Service:
+        svc = Service(tmp_path, config_text, watch=watch, config_name=config_name, port=port)
         started.append(svc)
         if wait:
             svc.wait_ready()

@@ -7,6 +7,8 @@ from urllib.parse import parse_qs
 
 def app(environ, start_response):
     query = parse_qs(environ.get("QUERY_STRING", ""))
+    if "touch" in query:        # tells a test that this request has reached the app
+        open(query["touch"][0], "w").close()
     if "sleep" in query:
         time.sleep(float(query["sleep"][0]))
     body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))

@@ -1,0 +1,106 @@
+"""Crash restarts with backoff, a broken app isolated behind 503, SIGTERM draining, and no
+orphans after the supervisor is SIGKILLed."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+from pathlib import Path
+
+from conftest import BASIC_CONFIG, survivors, wait_for
+
+FLAKY_OK = """
+def app(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"flaky is fine"]
+"""
+
+
+def test_crashed_pool_restarts_and_a_broken_app_answers_503(hostsvc, tmp_path: Path) -> None:
+    (tmp_path / "flaky.py").write_text(FLAKY_OK)
+    svc = hostsvc("""
+        listen: 127.0.0.1:{port}
+        python_path: [{apps}, .]
+        apps:
+          - name: flaky
+            wsgi: flaky:app
+            workers: 1
+          - name: echo
+            wsgi: echo:app
+          - name: hello
+            root: tree:Root
+            workers: 1
+    """)
+    assert svc.request("/flaky/")[2] == b"flaky is fine"
+    first = svc.state()["apps"]["flaky"]["pid"]
+
+    # 1. the arbiter dies: the supervisor restarts it (same socket), and says so
+    os.kill(first, signal.SIGKILL)
+    state = wait_for(lambda: (a := svc.state()["apps"]["flaky"])["state"] == "running"
+                     and a["pid"] not in (None, first) and a, what="flaky to restart")
+    assert state["restarts"] == 1
+    assert svc.request("/flaky/")[2] == b"flaky is fine"
+    assert f"app=flaky pid={first} event=exited" in svc.stderr()
+    assert "app=flaky event=restarting restarts=1" in svc.stderr()
+
+    # 2. its code breaks on disk and it dies again: it cannot start any more; its prefix
+    #    answers 503 while every other app keeps serving
+    (tmp_path / "flaky.py").write_text("raise ImportError('flaky cannot start')\n")
+    os.kill(state["pid"], signal.SIGKILL)
+    wait_for(lambda: svc.state()["apps"]["flaky"]["restarts"] >= 2 and
+             svc.state()["apps"]["flaky"]["state"] in ("backoff", "crashloop"),
+             what="flaky to fail to start")
+    status, headers, body = svc.request("/flaky/")
+    assert status == 503 and b"not running" in body and headers["retry-after"] == "5"
+    assert svc.get_json("/echo/")["app"] == "echo"
+    assert svc.request("/hello/item/1")[2] == b"item 1"
+    flaky = svc.state()["apps"]["flaky"]
+    assert flaky["pid"] is None and "while starting" in flaky["last_error"]
+    assert "ImportError: flaky cannot start" in svc.stderr()      # gunicorn's own report
+    assert "event=failed_to_start" in svc.stderr()
+
+    # 3. the code is fixed: the next backoff restart brings it back
+    (tmp_path / "flaky.py").write_text(FLAKY_OK)
+    wait_for(lambda: svc.state()["apps"]["flaky"]["state"] == "running", timeout=60,
+             what="flaky to come back after the backoff")
+    assert svc.request("/flaky/")[0] == 200
+
+
+def test_sigterm_drains_in_flight_requests_and_exits_zero(hostsvc, tmp_path: Path) -> None:
+    svc = hostsvc(BASIC_CONFIG)
+    started = tmp_path / "request-started"
+    pids = svc.remember_pids()
+    assert len(pids) >= 6        # 2 arbiters + 3 workers + nginx master and workers
+    result: dict = {}
+
+    def slow() -> None:
+        result["response"] = svc.request(f"/echo/?sleep=1.5&touch={started}")
+
+    t = threading.Thread(target=slow)
+    t.start()
+    wait_for(started.exists, what="the slow request to reach the app")
+    assert svc.stop(signal.SIGTERM) == 0
+    t.join(30)
+    status, _, body = result["response"]
+    assert status == 200 and json.loads(body)["query"].startswith("sleep=1.5")
+    assert not survivors(pids)
+    assert "event=nginx_stopped" in svc.stderr() and "hostsvc: stopped" in svc.stderr()
+    assert not (svc.runtime_dir / "hostsvc.pid").exists()
+    assert all(a["state"] == "stopped" for a in svc.state()["apps"].values())
+
+
+def test_sigkill_of_the_supervisor_leaves_no_orphans(hostsvc) -> None:
+    svc = hostsvc(BASIC_CONFIG)
+    wait_for(lambda: all(len(a["worker_pids"]) == a["workers"]
+                         for a in svc.state()["apps"].values()), what="all workers")
+    pids = svc.remember_pids()
+    state = svc.state()
+    expected = {state["nginx"]["pid"]} | {a["pid"] for a in state["apps"].values()} | {
+        w for a in state["apps"].values() for w in a["worker_pids"]}
+    assert expected <= set(pids)      # arbiters, workers and nginx are all descendants
+    svc.proc.kill()
+    svc.proc.wait(10)
+    wait_for(lambda: not survivors(pids), timeout=30,
+             what="arbiters, workers and nginx to follow the supervisor")
+    assert not survivors(pids)
