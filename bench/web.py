@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import cProfile
 import io
+import itertools
 import os
 import pstats
 import re
@@ -40,6 +41,8 @@ HELLO_PATH = "/"
 ITEM_PATH = "/item/42?q=x"
 TARGET_B_OVER_A = 0.8
 TARGET_B_OVER_CHERRYPY = 2.0
+# More distinct /item/<id> URLs than any per-URL cache of hostsvc.web keeps (2048).
+DISTINCT_IDS = 10_000
 
 
 @dataclass(frozen=True)
@@ -178,23 +181,16 @@ def run_wrk(url: str, seconds: int, connections: int) -> str:
                           timeout=seconds + 30).stdout
 
 
-def plan_rounds(duration: int) -> tuple[int, int]:
-    """(rounds, seconds per round) for `duration` seconds per row: 2 s slices, since wrk
-    takes whole seconds and a slice much shorter would mostly measure connection ramp-up."""
-    rounds = max(1, duration // 2)
-    return rounds, max(1, duration // rounds)
-
-
 def measure_servers(duration: int, connections: int, warmup: int) -> list[Result]:
-    """Every case on every server, the load interleaved in rounds.
+    """Every case on every server, the load interleaved in `duration` rounds of 1 s.
 
     All servers start first (idle sync workers cost nothing); then each round gives every
-    row a slice of the duration in turn. Other work on the machine comes and goes, so
-    measuring row after row would charge a burst of it to whichever row ran then;
-    interleaving spreads it over all rows, which keeps the ratios honest. A row's
-    figures are the median of its rounds.
+    row one second in turn. Other work on the machine comes and goes, so measuring row
+    after row would charge a burst of it to whichever row ran then; interleaving spreads
+    it over all rows, which keeps the ratios honest. A row's figures are the median of
+    its rounds. One second is enough per slice: sync workers have no keep-alive, so
+    every request opens its own connection and there is no ramp-up to amortise.
     """
-    rounds, slice_s = plan_rounds(duration)
     targets = [(server, case) for server in SERVERS for case in CASES]
     samples: dict[tuple[str, str], list[tuple[float, float, float, int]]] = {}
     with contextlib.ExitStack() as stack:
@@ -208,9 +204,9 @@ def measure_servers(duration: int, connections: int, warmup: int) -> list[Result
         if warmup:
             for url in urls.values():
                 run_wrk(url, warmup, connections)
-        for _ in range(rounds):
+        for _ in range(duration):
             for server, case in targets:
-                out = run_wrk(urls[server, case.key], slice_s, connections)
+                out = run_wrk(urls[server, case.key], 1, connections)
                 samples.setdefault((server, case.key), []).append(parse_wrk(out))
     results = []
     for server, case in targets:
@@ -275,14 +271,23 @@ def _write(data: bytes) -> None:
     """WSGI's legacy write(); none of the apps use it."""
 
 
-def make_caller(app: apps.WSGIApp, path: str) -> Callable[[], None]:
+def make_caller(app: apps.WSGIApp, path: str, distinct_ids: int = 0) -> Callable[[], None]:
     """One request as a server performs it: a fresh environ and wsgi.input, the body
-    iterated and closed. The raw app pays the same, so subtracting it leaves the framework."""
+    iterated and closed. The raw app pays the same, so subtracting it leaves the framework.
+
+    With `distinct_ids`, the path's last segment cycles through that many ids
+    (`/item/0`, `/item/1`, ...): real traffic to `/item/<id>` rarely repeats a URL, so
+    this shows what a per-URL cache in the framework is worth when it misses.
+    """
     base = base_environ(path)
     bytes_io = io.BytesIO
+    prefix = base["PATH_INFO"].rpartition("/")[0]
+    path_infos = itertools.cycle([f"{prefix}/{i}" for i in range(distinct_ids)]
+                                 or [base["PATH_INFO"]])
 
     def call() -> None:
         environ = dict(base)
+        environ["PATH_INFO"] = next(path_infos)
         environ["wsgi.input"] = bytes_io(b"")
         body = app(environ, _start_response)
         for _ in body:
@@ -322,9 +327,12 @@ def framework_costs(seconds: float) -> list[str]:
     loaded = {name: apps.load(name) for name in apps.APP_SPECS}
     raw_us = time_per_call_us(make_caller(loaded["raw"], HELLO_PATH), seconds)
     lines = [f"us/call  a  {'raw WSGI hello':<24} {raw_us:8.2f} us  (the floor, subtracted below)"]
-    for case in CASES[1:]:
-        total = time_per_call_us(make_caller(loaded[case.app], case.path), seconds)
-        lines.append(f"us/call  {case.key}  {case.label:<24} {total:8.2f} us  "
+    runs = [(case.key + " ", case.label, case, 0) for case in CASES[1:]]
+    runs += [(case.key + "'", "  ... a new id per call", case, DISTINCT_IDS)
+             for case in CASES if case.path == ITEM_PATH]
+    for key, label, case, ids in runs:
+        total = time_per_call_us(make_caller(loaded[case.app], case.path, ids), seconds)
+        lines.append(f"us/call  {key} {label:<24} {total:8.2f} us  "
                      f"framework cost {total - raw_us:8.2f} us/request")
     return lines
 
@@ -360,9 +368,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"hostsvc.web framework benchmark  {time.strftime('%Y-%m-%d %H:%M:%S %Z')}  "
           f"{os.cpu_count()} cores  load average {os.getloadavg()[0]:.2f}")
-    rounds, slice_s = plan_rounds(duration)
-    print(f"wrk -t1 -c{args.connections} --latency on loopback: {rounds} interleaved "
-          f"round(s) of {slice_s} s per row, warm-up {warmup} s per row; median of rounds\n")
+    print(f"wrk -t1 -c{args.connections} --latency on loopback: {duration} interleaved "
+          f"round(s) of 1 s per row, warm-up {warmup} s per row; median of rounds\n")
     results = measure_servers(duration, args.connections, warmup)
     for result in results:
         print(format_row(result))
