@@ -72,6 +72,12 @@ class Root:
         return web.session.id
 
     @web.expose
+    def login_redirect(self) -> str:
+        web.session.regenerate()
+        web.session["user"] = "bob"
+        raise web.HTTPRedirect("/get?key=user")
+
+    @web.expose
     def logout(self) -> str:
         web.lib.sessions.expire()
         return "bye"
@@ -195,6 +201,15 @@ def test_regenerate_changes_id_and_keeps_data(backend: dict[str, Any]) -> None:
         # The id from before login (which an attacker may have planted) is now worthless.
         c.cookies["session_id"] = before
         assert c.get("/get?key=user").json() is None
+
+
+def test_login_that_redirects_saves_the_session(backend: dict[str, Any]) -> None:
+    c = Client(app(**backend))
+    c.get("/incr")
+    before = dict(c.cookies)
+    r = c.get("/login_redirect")
+    assert r.code == 303 and c.cookies != before
+    assert c.get("/get?key=user").json() == "bob"
 
 
 def test_delete_expires_cookie_and_data(backend: dict[str, Any]) -> None:
