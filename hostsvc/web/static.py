@@ -58,8 +58,11 @@ def staticdir(section: str, dir: str, root: str = "", match: str = "",
     else:
         return False
     branch = branch.lstrip("/")
-    if "\\" in branch or "\x00" in branch or ".." in branch.split("/"):
+    segments = branch.split("/")
+    if "\\" in branch or "\x00" in branch or ".." in segments:
         raise HTTPError(403, "The path leaves the static directory.")
+    if any(seg.startswith(".") for seg in segments):
+        return False  # dotfiles (.git, .env, .htpasswd) are never published by accident
     base = os.path.realpath(_absolute(dir, root, "tools.staticdir.dir"))
     target = _contained(base, os.path.join(base, branch))
     if target is None:

@@ -424,3 +424,14 @@ def test_under_gunicorn_files_ranges_and_traversal(tree: Path) -> None:
             status, _, body = raw_get(port, path)
             assert status == (404 if path == "/static/leak" else 403), path
             assert b"SECRET" not in body, path
+
+
+def test_dotfiles_are_never_served(tree: Path) -> None:
+    (tree / ".env").write_text("PASSWORD=x")
+    (tree / ".git").mkdir()
+    (tree / ".git" / "config").write_text("[core]")
+    client = make_client(tree)
+    for path in ("/static/.env", "/static/.git/config", "/static/css/../.env"):
+        r = client.get(path)
+        assert r.code in (403, 404) and b"PASSWORD" not in r.body and b"[core]" not in r.body
+    assert client.get("/static/.env").code == 404
