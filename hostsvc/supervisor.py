@@ -91,6 +91,7 @@ class Supervisor:
         self.draining: list[tuple[Pool, float]] = []     # old pools and their kill deadline
         self.nginx: Nginx | None = None
         self.nginx_restart_at = 0.0
+        self.nginx_workers: list[int] = []
         self.signals: list[int] = []
         self.wakeup_r = self.wakeup_w = -1
         self.started_at = time.time()
@@ -202,18 +203,13 @@ class Supervisor:
         log.info("%s", _fmt("starting", st.app.name, st.pool.pid, workers=st.app.workers,
                             socket=st.socket_path))
 
-    def _wait_ready(self, states: list[AppState], timeout: float = START_TIMEOUT) -> None:
-        """Block until each pool is ready or failed; TERM/INT cut the wait short."""
-        deadline = time.monotonic() + timeout
+    def _wait_ready(self, states: list[AppState]) -> None:
+        """Block until each pool is ready or failed (a hung start fails after
+        START_TIMEOUT in _check_pool); TERM/INT cut the wait short."""
         while any(st.state == "starting" for st in states):
             for st in states:
                 self._check_pool(st)
             if any(s in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT) for s in self.signals):
-                return
-            if time.monotonic() > deadline:
-                for st in states:
-                    if st.state == "starting":
-                        self._pool_failed(st, f"not ready after {timeout:.0f}s")
                 return
             self._sleep(0.05)
 
@@ -256,6 +252,8 @@ class Supervisor:
                                     ready_in=f"{pool.ready_at - pool.started_at:.2f}s"))
             elif ready is False or not pool.alive():
                 self._pool_failed(st, f"exited with status {pool.exit_code()} while starting")
+            elif time.time() - pool.started_at > START_TIMEOUT:
+                self._pool_failed(st, f"not ready after {START_TIMEOUT:.0f}s while starting")
         elif st.state == "running" and pool is not None:
             if not pool.alive():
                 self._pool_failed(st, f"exited with status {pool.exit_code()}")
@@ -302,6 +300,12 @@ class Supervisor:
         if not self.nginx_restart_at:
             log.error("%s", _fmt("nginx_exited", "nginx", self.nginx.pid,
                                  code=self.nginx.proc.returncode, restart_in="1s"))
+            # Workers of a killed master live on holding the port: stop them first.
+            for pid in self.nginx_workers:
+                try:
+                    os.kill(pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
             self.nginx_restart_at = now + 1
         elif now >= self.nginx_restart_at:
             self.nginx_restart_at = 0.0
@@ -380,11 +384,16 @@ class Supervisor:
         # 3. point nginx at them: test the config, reload, wait for old workers to drain
         try:
             self.nginx.write_config(self._render())
+            if not self._reload_nginx():
+                # nginx kept its old config (e.g. a new port in use): so do we.
+                self.apps, self.cfg = old_apps, old_cfg
+                self.nginx.write_config(self._render())
+                raise NginxError("nginx did not take the new config (see its error above); "
+                                 "it keeps serving the old one")
         except NginxError as exc:
             self.apps, self.cfg = old_apps, old_cfg
             self._retire([st.pool for st in fresh.values() if st.pool])
             return self._reload_done(False, str(exc))
-        self._reload_nginx()
 
         # 4. only now stop what nginx no longer routes to
         replaced = [old_apps[a.name].pool for a in changed if a.name not in kept_old]
@@ -395,18 +404,26 @@ class Supervisor:
             ("removed", removed), ("failed, kept old", kept_old)) if names) or "no app changes"
         return self._reload_done(not kept_old, summary)
 
-    def _reload_nginx(self) -> None:
-        """SIGHUP nginx; return once the old workers have exited (drained)."""
+    def _reload_nginx(self) -> bool:
+        """SIGHUP nginx; once new workers run, wait for the old ones to drain and exit.
+
+        False if no new worker appeared: nginx rejected the config at reload time (what
+        `nginx -t` cannot see, such as a port already in use) and still runs the old one.
+        """
         assert self.nginx is not None and self.cfg is not None
         before = set(children_of(self.nginx.pid)) if self.nginx.pid else set()
         self.nginx.reload()
-        deadline = time.monotonic() + self.cfg.grace_period + 5
-        while time.monotonic() < deadline and self.nginx.alive():
-            now = set(children_of(self.nginx.pid))
-            if now - before and not (now & before):
-                break
+        started = time.monotonic()
+        while not set(children_of(self.nginx.pid)) - before:
+            if time.monotonic() - started > 8 or not self.nginx.alive():
+                log.error("%s", _fmt("nginx_reload_failed", "nginx", self.nginx.pid))
+                return False
+            self._sleep(0.05)
+        deadline = started + self.cfg.grace_period + 5
+        while time.monotonic() < deadline and set(children_of(self.nginx.pid)) & before:
             self._sleep(0.05)
         log.info("%s", _fmt("nginx_reloaded", "nginx", self.nginx.pid))
+        return True
 
     def _retire(self, pools: list[Pool | None]) -> None:
         """TERM pools; the loop reaps them and KILLs any still alive after their grace."""
@@ -509,6 +526,8 @@ class Supervisor:
             for st in self.apps.values():
                 st.worker_pids = st.pool.worker_pids() if st.pool and st.state == "running" \
                     else []
+            if self.nginx is not None and self.nginx.alive():
+                self.nginx_workers = children_of(self.nginx.pid)
         doc = self.state()
         text = json.dumps(doc, indent=2, sort_keys=True)
         if text == self._last_state and not force:

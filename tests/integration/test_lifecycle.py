@@ -104,3 +104,22 @@ def test_sigkill_of_the_supervisor_leaves_no_orphans(hostsvc) -> None:
     wait_for(lambda: not survivors(pids), timeout=30,
              what="arbiters, workers and nginx to follow the supervisor")
     assert not survivors(pids)
+
+
+def test_nginx_that_dies_is_restarted(hostsvc) -> None:
+    svc = hostsvc(BASIC_CONFIG)
+    first = svc.state()["nginx"]["pid"]
+    wait_for(lambda: len(svc.remember_pids()) >= 7, what="nginx workers")
+    os.kill(first, signal.SIGKILL)
+    wait_for(lambda: (n := svc.state()["nginx"])["state"] == "running" and n["pid"] != first,
+             what="nginx to be restarted")
+    wait_for(lambda: _answers(svc), what="requests to be served again")
+    assert svc.get_json("/echo/")["app"] == "echo"
+    assert f"pid={first} event=nginx_exited" in svc.stderr()
+
+
+def _answers(svc) -> bool:
+    try:
+        return svc.request("/echo/")[0] == 200
+    except OSError:
+        return False

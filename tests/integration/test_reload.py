@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.client
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -196,3 +197,25 @@ def test_watch_follows_a_configmap_style_symlink_swap(hostsvc, tmp_path: Path) -
     last = wait_for(lambda: svc.state()["last_reload"], what="the reload result")
     assert last["ok"] is True and last["message"] == "replaced: echo"
     assert "reason='config file changed'" in svc.stderr()
+
+
+def test_a_reload_nginx_cannot_apply_keeps_the_old_apps(hostsvc) -> None:
+    svc = hostsvc(CONFIG % ("hello", "legacy"))
+    before = svc.state()["apps"]
+    with socket.socket() as busy:            # a port someone else holds
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        busy_port = busy.getsockname()[1]
+        new = (CONFIG % ("bonjour", "legacy")).replace(
+            "listen: 127.0.0.1:{port}", f"listen: [127.0.0.1:{{port}}, 127.0.0.1:{busy_port}]")
+        svc.write_config(new)
+        os.kill(svc.proc.pid, signal.SIGHUP)
+        last = wait_for(lambda: svc.state()["last_reload"], what="the reload result")
+    assert last["ok"] is False and "nginx" in last["message"]
+    # The old echo still serves, on the old socket; the new pool that was started is gone.
+    assert svc.get_json("/echo/")["greeting"] == "hello"
+    after = svc.state()["apps"]
+    assert after["echo"]["pid"] == before["echo"]["pid"]
+    assert after["echo"]["socket"] == before["echo"]["socket"]
+    assert "event=reload_failed" in svc.stderr()
+    assert f"unix:{before['echo']['socket']}" in (svc.runtime_dir / "nginx.conf").read_text()

@@ -2,6 +2,7 @@
 files, limits, access logs, state.json and `hostsvc status`."""
 from __future__ import annotations
 
+import http.client
 import json
 import subprocess
 import sys
@@ -104,3 +105,22 @@ def test_state_json_and_status_command(hostsvc) -> None:
     assert lines[3].split()[:2] == ["hello", "/hello"]
     assert "event=started" in svc.stderr() and f"app=echo pid={echo['pid']}" in svc.stderr()
     assert "all apps ready" in svc.stderr()
+
+
+def test_virtual_hosts_and_444_for_unknown_hosts(hostsvc) -> None:
+    svc = hostsvc("""
+        listen: 127.0.0.1:{port}
+        python_path: [{apps}]
+        apps:
+          - {name: one, prefix: /, hosts: [one.test], wsgi: echo:app, workers: 1}
+          - {name: two, prefix: /, hosts: [two.test], wsgi: echo:app, workers: 1}
+    """)
+    for host in ("one", "two"):
+        status, _, body = svc.request("/x", headers={"Host": f"{host}.test"})
+        assert status == 200 and json.loads(body)["app"] == host
+        assert json.loads(body)["script_name"] == ""      # mounted at "/"
+    try:
+        status = svc.request("/x", headers={"Host": "other.test"})[0]
+    except http.client.RemoteDisconnected:
+        status = 444                                     # nginx closed the connection
+    assert status == 444
