@@ -308,8 +308,8 @@ class Pool:
         return children_of(self.pid) if self.pid and self.alive() else []
 
 
-def children_of(ppid: int) -> list[int]:
-    """Pids whose parent is `ppid`, read from /proc/*/stat (no psutil)."""
+def children_of(ppid: int, zombies: bool = False) -> list[int]:
+    """Live pids whose parent is `ppid` (or only its unreaped zombies), from /proc/*/stat."""
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -321,7 +321,7 @@ def children_of(ppid: int) -> list[int]:
             continue
         # Field 4 is the ppid; the command name (field 2) may hold spaces and parens.
         fields = stat[stat.rfind(b")") + 2:].split()
-        if len(fields) > 1 and int(fields[1]) == ppid and fields[0] != b"Z":
+        if len(fields) > 1 and int(fields[1]) == ppid and (fields[0] == b"Z") == zombies:
             found.append(int(entry))
     return sorted(found)
 

@@ -63,14 +63,6 @@ class AppState:
     worker_pids: list[int] = field(default_factory=list)
 
 
-def _die_with_supervisor() -> None:
-    """preexec_fn for nginx: SIGTERM (nginx's fast shutdown) if the supervisor dies."""
-    set_parent_death_signal(signal.SIGTERM, expected_ppid=_SUPERVISOR_PID[0])
-
-
-_SUPERVISOR_PID = [0]
-
-
 def _fmt(event: str, app: str | None = None, pid: int | None = None, **fields: Any) -> str:
     parts = ([f"app={app}"] if app else []) + ([f"pid={pid}"] if pid else []) + \
         [f"event={event}"] + [f"{k}={v}" for k, v in fields.items() if v is not None]
@@ -95,6 +87,7 @@ class Supervisor:
         self.signals: list[int] = []
         self.wakeup_r = self.wakeup_w = -1
         self.started_at = time.time()
+        self.pid = os.getpid()
         self.last_reload: dict[str, Any] | None = None
         self.config_digest = ""
         self._last_state = ""
@@ -105,13 +98,8 @@ class Supervisor:
     def run(self) -> int:
         """Start everything, supervise until TERM/INT, stop everything. The exit status."""
         try:
-            self.cfg = configmod.load(self.config_path, self.runtime_override)
-            errors = check_apps(self.cfg.apps, self.config_path)
-            if errors:
-                raise ConfigError(errors)
-        except ConfigError as exc:
-            for line in exc.errors:
-                log.error("%s", line)
+            self.cfg = self._load_config()
+        except ConfigError:
             return 2
         self.config_digest = self._digest()
         self.runtime_dir = self.cfg.runtime_dir
@@ -127,6 +115,19 @@ class Supervisor:
             return 0
         finally:
             self._release_runtime_dir()
+
+    def _load_config(self) -> Config:
+        """Load, validate and import-check the config file; log every error and raise."""
+        try:
+            cfg = configmod.load(self.config_path, self.runtime_override)
+            errors = check_apps(cfg.apps, self.config_path)
+            if errors:
+                raise ConfigError(errors)
+        except ConfigError as exc:
+            for line in exc.errors:
+                log.error("%s", line)
+            raise
+        return cfg
 
     def _claim_runtime_dir(self) -> bool:
         rd = Path(self.runtime_dir)
@@ -147,8 +148,12 @@ class Supervisor:
     def _release_runtime_dir(self) -> None:
         Path(self.runtime_dir, "hostsvc.pid").unlink(missing_ok=True)
 
+    def _nginx_preexec(self) -> None:
+        """Runs in nginx's child before exec: SIGTERM (nginx's fast shutdown, which also
+        stops its workers) when the supervisor dies."""
+        set_parent_death_signal(signal.SIGTERM, expected_ppid=self.pid)
+
     def _install_signals(self) -> None:
-        _SUPERVISOR_PID[0] = os.getpid()
         self.wakeup_r, self.wakeup_w = os.pipe()
         for fd in (self.wakeup_r, self.wakeup_w):
             os.set_blocking(fd, False)
@@ -174,7 +179,7 @@ class Supervisor:
         self.nginx = Nginx(self.runtime_dir)
         try:
             self.nginx.write_config(self._render())
-            self.nginx.start(self.cfg.listen, preexec_fn=_die_with_supervisor)
+            self.nginx.start(self.cfg.listen, preexec_fn=self._nginx_preexec)
         except NginxError as exc:
             log.error("%s", _fmt("nginx_failed", error=exc))
             return False
@@ -280,6 +285,22 @@ class Supervisor:
                                st.app.name, pid, error=repr(why), state=st.state,
                                restart_in=f"{delay:.0f}s"))
 
+    def _reap_orphans(self) -> None:
+        """As PID 1 in a container, orphans (say, a killed nginx master's workers) are
+        re-parented to us: reap their zombies, but only those that are no Popen's own."""
+        ours = {p.pid for p in self._pools()} | {self.nginx.pid if self.nginx else None}
+        for pid in children_of(self.pid, zombies=True):
+            if pid not in ours:
+                try:
+                    os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:
+                    pass
+
+    def _pools(self) -> list[Pool]:
+        """Every pool this supervisor still owns: serving, starting, or draining."""
+        return [st.pool for st in self.apps.values() if st.pool] + \
+            [p for p, _ in self.draining]
+
     def _check_draining(self) -> None:
         keep = []
         for pool, deadline in self.draining:
@@ -310,7 +331,7 @@ class Supervisor:
         elif now >= self.nginx_restart_at:
             self.nginx_restart_at = 0.0
             try:
-                self.nginx.start(self.cfg.listen, preexec_fn=_die_with_supervisor)
+                self.nginx.start(self.cfg.listen, preexec_fn=self._nginx_preexec)
                 log.info("%s", _fmt("nginx_started", "nginx", self.nginx.pid))
             except NginxError as exc:
                 log.error("%s", _fmt("nginx_failed", error=exc))
@@ -336,13 +357,8 @@ class Supervisor:
         log.info("%s", _fmt("reloading", reason=repr(reason)))
         self.config_digest = self._digest()
         try:
-            new = configmod.load(self.config_path, self.runtime_override)
-            errors = check_apps(new.apps, self.config_path)
-            if errors:
-                raise ConfigError(errors)
+            new = self._load_config()
         except ConfigError as exc:
-            for line in exc.errors:
-                log.error("%s", line)
             return self._reload_done(False, f"invalid config, nothing changed: "
                                             f"{'; '.join(exc.errors)}")
         if new.runtime_dir != self.runtime_dir:
@@ -463,8 +479,7 @@ class Supervisor:
                 self.nginx.stop(graceful=False)
                 self.nginx.wait(5)
             log.info("%s", _fmt("nginx_stopped", "nginx", self.nginx.pid))
-        pools = [st.pool for st in self.apps.values() if st.pool] + \
-            [p for p, _ in self.draining]
+        pools = self._pools()
         for st in self.apps.values():
             st.state = "stopping"
         for pool in pools:
@@ -528,6 +543,7 @@ class Supervisor:
                     else []
             if self.nginx is not None and self.nginx.alive():
                 self.nginx_workers = children_of(self.nginx.pid)
+            self._reap_orphans()
         doc = self.state()
         text = json.dumps(doc, indent=2, sort_keys=True)
         if text == self._last_state and not force:
