@@ -231,3 +231,17 @@ def test_help_explains_every_command(capsys) -> None:
     out = capsys.readouterr().out
     for word in ("run [CONFIG]", "check CONFIG", "reload [CONFIG]", "status", "examples:"):
         assert word in out
+
+
+def test_run_refuses_an_invalid_config_before_starting_anything(tmp_path: Path,
+                                                                capsys) -> None:
+    path = write(tmp_path, """
+        apps:
+          - name: hello
+            root: hello:Root
+            workers: 0
+    """)
+    assert cli.main(["run", str(path), "--runtime-dir", str(tmp_path / "run")]) == 2
+    assert f"{path}:4: apps[0].workers: expected a positive integer, got 0" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

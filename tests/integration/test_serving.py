@@ -2,6 +2,7 @@
 files, limits, access logs, state.json and `hostsvc status`."""
 from __future__ import annotations
 
+import gzip
 import http.client
 import json
 import subprocess
@@ -124,3 +125,31 @@ def test_virtual_hosts_and_444_for_unknown_hosts(hostsvc) -> None:
     except http.client.RemoteDisconnected:
         status = 444                                     # nginx closed the connection
     assert status == 444
+
+
+def test_per_path_config_and_max_requests_worker_recycling(hostsvc) -> None:
+    svc = hostsvc("""
+        listen: 127.0.0.1:{port}
+        python_path: [{apps}]
+        apps:
+          - name: tree
+            root: tree:Root
+            config: {"/": {"tools.gzip.on": true}}
+          - name: echo
+            wsgi: echo:app
+            workers: 1
+            max_requests: 5
+    """)
+    # The app's YAML config reaches hostsvc.web; tools.proxy stays on next to it.
+    status, headers, body = svc.request("/tree/", headers={"Accept-Encoding": "gzip"})
+    assert status == 200 and headers.get("content-encoding") == "gzip"
+    assert json.loads(gzip.decompress(body))["base"] == f"http://127.0.0.1:{svc.port}"
+
+    # A worker restarted by max_requests drops nothing: the next request waits for the
+    # new worker in the socket's backlog.
+    pids = set()
+    for _ in range(18):
+        status, _, body = svc.request("/echo/")
+        assert status == 200, body
+        pids.add(json.loads(body)["pid"])
+    assert len(pids) >= 3

@@ -1,0 +1,555 @@
+"""hostsvc.metrics end to end: real gunicorn workers, real kills, real nginx, real scrapes.
+
+Every scrape is read with prometheus_client's own parser. Counts are asserted exactly;
+timings are printed, never asserted (shared CI machines are noisy).
+
+PROMETHEUS_MULTIPROC_DIR must be set before prometheus_client is imported in this
+process, hence the module-level prepare_multiproc_dir() above the parser imports.
+"""
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from hostsvc.metrics import (SPECS, MetricsServer, archive_process, exported_names,
+                             instrument, prepare_multiproc_dir)
+from hostsvc.pool import children_of
+from hostsvc.proxy import nginx_binary
+
+MP_DIR = tempfile.mkdtemp(prefix="hostsvc-metrics-test-")
+prepare_multiproc_dir(MP_DIR)
+
+from prometheus_client.openmetrics.parser import \
+    text_string_to_metric_families as parse_openmetrics  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+SUPPORT = Path(__file__).resolve().parent / "support"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _remove_mp_dir() -> Iterator[None]:
+    yield
+    shutil.rmtree(MP_DIR, ignore_errors=True)
+
+
+# -- helpers ----------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate: Any, timeout: float = 20, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class Gunicorn:
+    """A real gunicorn arbiter running tests/support/metrics_app.py with hostsvc's hooks."""
+
+    def __init__(self, app: str, workers: int = 2, **settings: int) -> None:
+        self.app, self.workers = app, workers
+        self.port = free_port()
+        env = dict(os.environ, TEST_APP_NAME=app, TEST_BIND=f"127.0.0.1:{self.port}",
+                   TEST_WORKERS=str(workers), PYTHONPATH=f"{ROOT}:{SUPPORT}")
+        env.update({f"TEST_{k.upper()}": str(v) for k, v in settings.items()})
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "-c", str(SUPPORT / "metrics_gunicorn_conf.py"),
+             "metrics_app:app"], env=env, cwd=SUPPORT, start_new_session=True)
+        wait_for(lambda: len(self.worker_pids()) == workers and self._accepts(),
+                 what=f"gunicorn {app} to boot")
+
+    def _accepts(self) -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+            return True
+        except OSError:
+            return False
+
+    def worker_pids(self) -> list[int]:
+        return children_of(self.proc.pid) if self.proc.poll() is None else []
+
+    def wait_replaced(self, old: list[int]) -> list[int]:
+        """Wait until a full set of workers runs that differs from `old`."""
+        return wait_for(lambda: (lambda p: p if len(p) == self.workers and p != old
+                                 else None)(self.worker_pids()),
+                        what=f"{self.app} workers to be replaced")
+
+    def request(self, method: str, path: str, headers: dict[str, str] | None = None
+                ) -> tuple[int, bytes]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        try:
+            conn.request(method, path, headers=headers or {})
+            resp = conn.getresponse()
+            return resp.status, resp.read()
+        finally:
+            conn.close()
+
+    def app_state(self, state: str = "running") -> dict[str, Any]:
+        alive = self.proc.poll() is None
+        return {"prefix": f"/{self.app}", "state": state if alive else "stopped",
+                "pid": self.proc.pid if alive else None, "workers": self.workers,
+                "worker_pids": self.worker_pids(), "restarts": 0}
+
+    def stop(self) -> None:
+        """Graceful TERM; KILL the whole session if it does not end."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)   # any worker left in its session
+        except ProcessLookupError:
+            pass
+
+
+@pytest.fixture
+def gunicorns() -> Iterator[list[Gunicorn]]:
+    started: list[Gunicorn] = []
+    yield started
+    for g in started:
+        g.stop()
+
+
+@pytest.fixture
+def server_for() -> Iterator[Any]:
+    """server_for(state_fn, **kw): a started MetricsServer on a free port, stopped after."""
+    started: list[MetricsServer] = []
+
+    def make(state: Any, **kw: Any) -> MetricsServer:
+        srv = MetricsServer(state, listen="127.0.0.1:0", **kw)
+        srv.start()
+        started.append(srv)
+        return srv
+
+    yield make
+    for srv in started:
+        srv.stop()
+
+
+def get(port: int, path: str, method: str = "GET", headers: dict[str, str] | None = None
+        ) -> tuple[int, dict[str, str], bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request(method, path, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, dict(resp.getheaders()), resp.read()
+    finally:
+        conn.close()
+
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def scrape(srv: MetricsServer) -> Samples:
+    """Every sample of a /metrics scrape, parsed by prometheus_client's parser."""
+    status, headers, body = get(srv.port, "/metrics")
+    assert status == 200, body
+    assert headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    out: Samples = {}
+    for family in text_string_to_metric_families(body.decode()):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def value(samples: Samples, name: str, **labels: str) -> float | None:
+    """The value of the sample with exactly these labels, or None if absent."""
+    return samples.get((name, tuple(sorted(labels.items()))))
+
+
+def requests_by(samples: Samples, app: str) -> Counter[tuple[str, str]]:
+    """hostsvc_http_requests_total of `app` as {(method, code): count}, zeros dropped."""
+    found: Counter[tuple[str, str]] = Counter()
+    for (name, labels), v in samples.items():
+        d = dict(labels)
+        if name == "hostsvc_http_requests_total" and d["app"] == app and v:
+            assert d["code_class"] == d["code"][0] + "xx"
+            found[(d["method"], d["code"])] = int(v)
+    return found
+
+
+def assert_no_counter_went_back(before: Samples, after: Samples) -> None:
+    counters = {s.name for s in SPECS if s.kind in ("counter", "histogram")}
+    for (name, labels), v in before.items():
+        base = re.sub(r"_(total|bucket|sum|count)$", "", name)
+        if base in counters or name in counters:
+            assert after.get((name, labels), 0) >= v, (name, labels, v, after.get((name, labels)))
+
+
+# -- request metrics through real workers -----------------------------------------------
+def test_counts_exact_across_worker_kill_and_pool_restart(gunicorns: list[Gunicorn],
+                                                          server_for: Any) -> None:
+    g = Gunicorn("alpha")
+    gunicorns.append(g)
+    state = {"started_at": time.time() - 5, "apps": {"alpha": g.app_state()}}
+    srv = server_for(lambda: state)
+    sent: Counter[tuple[str, str]] = Counter()
+
+    def send(method: str, path: str, n: int, headers: dict[str, str] | None = None) -> None:
+        for _ in range(n):
+            status, _ = g.request(method, path, headers)
+            sent[(method if method != "PURGE" else "other", str(status))] += 1
+
+    start = {"X-Request-Start": f"t={time.time():.3f}"}
+    send("GET", "/code/200", 6, start)
+    send("GET", "/code/404", 3)
+    send("POST", "/code/500", 2)
+    send("PURGE", "/code/200", 2)
+    send("GET", "/stream", 3)
+    first = scrape(srv)
+    assert requests_by(first, "alpha") == sent
+    assert sent[("GET", "404")] == 3 and sent[("POST", "500")] == 2
+    assert value(first, "hostsvc_http_request_queue_seconds_count", app="alpha") == 6
+    assert value(first, "hostsvc_http_response_size_bytes_count", app="alpha") == 16
+    assert value(first, "hostsvc_http_response_size_bytes_sum", app="alpha") == 13 * 10 + 3 * 15
+    assert value(first, "hostsvc_http_request_duration_seconds_count", app="alpha",
+                 method="GET") == 12
+    assert value(first, "hostsvc_http_requests_in_flight", app="alpha") == 0
+
+    # A request stuck in a worker shows in flight; SIGKILL that worker mid-request.
+    pidfile = os.path.join(MP_DIR, "sleeper.pid")
+    stuck = threading.Thread(target=lambda: pytest.raises(
+        (http.client.HTTPException, OSError), g.request, "GET",
+        f"/sleep/30?pidfile={pidfile}"), daemon=True)
+    stuck.start()
+    victim = int(wait_for(lambda: os.path.exists(pidfile) and Path(pidfile).read_text(),
+                          what="the sleeping worker's pid"))
+    state["apps"]["alpha"] = g.app_state()
+    assert value(scrape(srv), "hostsvc_http_requests_in_flight", app="alpha") == 1
+    old = g.worker_pids()
+    os.kill(victim, signal.SIGKILL)
+    stuck.join(10)
+    assert victim not in g.wait_replaced(old)
+    send("GET", "/code/200", 4)
+    state["apps"]["alpha"] = g.app_state()
+    second = scrape(srv)
+    assert requests_by(second, "alpha") == sent
+    assert_no_counter_went_back(first, second)
+    assert value(second, "hostsvc_http_requests_in_flight", app="alpha") == 0
+    assert value(second, "hostsvc_worker_restarts_total", app="alpha", cause="crash") == 1
+    assert not [k for k in second if k[0] == "hostsvc_worker_restarts_total"
+                and dict(k[1])["cause"] != "crash"]
+    assert not list(Path(MP_DIR).glob(f"*_{victim}.db")), "the dead worker's files remain"
+
+    # Pool gauges computed from state() and /proc.
+    assert value(second, "hostsvc_pool_workers", app="alpha", kind="live") == 2
+    assert value(second, "hostsvc_pool_workers", app="alpha", kind="configured") == 2
+    assert value(second, "hostsvc_pool_state", app="alpha", state="running") == 1
+    assert value(second, "hostsvc_pool_state", app="alpha", state="backoff") == 0
+    assert value(second, "hostsvc_app_ready", app="alpha") == 1
+    assert value(second, "hostsvc_pool_memory_rss_bytes", app="alpha") > 10_000_000
+    assert value(second, "hostsvc_pool_cpu_seconds_total", app="alpha") > 0
+    assert value(second, "hostsvc_start_time_seconds") == state["started_at"]
+
+    # The whole pool stops (graceful: its workers' exits are not restarts) and a new one
+    # starts: nothing goes backwards, the dead arbiter's files are archived.
+    arbiter = g.proc.pid
+    g.stop()
+    state["apps"]["alpha"] = g.app_state()
+    third = scrape(srv)
+    assert requests_by(third, "alpha") == sent
+    assert_no_counter_went_back(second, third)
+    assert value(third, "hostsvc_worker_restarts_total", app="alpha", cause="crash") == 1
+    assert value(third, "hostsvc_pool_state", app="alpha", state="stopped") == 1
+    assert not list(Path(MP_DIR).glob(f"*_{arbiter}.db"))
+    g2 = Gunicorn("alpha")
+    gunicorns.append(g2)
+    g = g2
+    send("GET", "/code/200", 2)
+    state["apps"]["alpha"] = g2.app_state()
+    fourth = scrape(srv)
+    assert requests_by(fourth, "alpha") == sent
+    assert_no_counter_went_back(third, fourth)
+    print(f"\nalpha: {sum(sent.values())} requests counted exactly; "
+          f"files in the metrics dir: {len(os.listdir(MP_DIR))}")
+
+
+def test_timeout_and_max_requests_restarts(gunicorns: list[Gunicorn], server_for: Any
+                                           ) -> None:
+    g = Gunicorn("beta", workers=1, timeout=1, max_requests=3)
+    gunicorns.append(g)
+    srv = server_for(lambda: {"started_at": 0.0, "apps": {"beta": g.app_state()}})
+    first = g.worker_pids()
+    for _ in range(3):
+        assert g.request("GET", "/code/200")[0] == 200
+    second = g.wait_replaced(first)            # max_requests reached: a clean restart
+    t0 = time.monotonic()
+    # The arbiter aborts the worker after ~1-2 s; gunicorn still answers 500.
+    assert g.request("GET", "/sleep/6")[0] == 500
+    g.wait_replaced(second)
+    print(f"\ntimeout restart took {time.monotonic() - t0:.1f}s")
+    samples = scrape(srv)
+    restarts = {dict(k[1])["cause"]: v for k, v in samples.items()
+                if k[0] == "hostsvc_worker_restarts_total" and dict(k[1])["app"] == "beta"}
+    assert restarts == {"max_requests": 1, "timeout": 1}
+    assert requests_by(samples, "beta") == {("GET", "200"): 3, ("GET", "500"): 1}
+    # The aborted worker's in-flight 1 is gone (the new worker has served nothing yet).
+    assert value(samples, "hostsvc_http_requests_in_flight", app="beta") in (None, 0)
+
+
+# -- the supervisor's endpoints ---------------------------------------------------------
+def test_upstream_error_endpoint_counts_under_the_app(server_for: Any) -> None:
+    srv = server_for(lambda: {"started_at": 0.0, "apps": {"delta": {"state": "backoff"}}})
+    status, headers, body = get(srv.port, "/_hostsvc/upstream-error/delta/502", "POST")
+    assert (status, headers["Retry-After"]) == (503, "5") and b"not running" in body
+    assert get(srv.port, "/_hostsvc/upstream-error/delta/504")[0] == 504
+    assert get(srv.port, "/_hostsvc/upstream-error/nosuchapp/502")[0] == 404
+    assert get(srv.port, "/_hostsvc/upstream-error/delta/500")[0] == 404
+    samples = scrape(srv)
+    assert value(samples, "hostsvc_proxy_errors_total", app="delta", code="502") == 1
+    assert value(samples, "hostsvc_proxy_errors_total", app="delta", code="504") == 1
+    assert requests_by(samples, "delta") == {("POST", "503"): 1, ("GET", "504"): 1}
+    assert value(samples, "hostsvc_app_ready", app="delta") == 0
+
+
+def test_healthz_readyz_and_reload_metrics(server_for: Any) -> None:
+    state: dict[str, Any] = {
+        "started_at": 1000.0,
+        "apps": {"a": {"state": "running", "workers": 1, "worker_pids": []},
+                 "b": {"state": "backoff", "workers": 1, "worker_pids": [], "restarts": 2},
+                 "c": {"state": "stopped", "workers": 1, "worker_pids": []}},
+        "reloads": {"ok": 2, "failed": 1, "last_success": 2000.0}}
+    srv = server_for(lambda: state)
+    assert get(srv.port, "/healthz")[::2] == (200, b"ok\n")
+    status, _, body = get(srv.port, "/readyz")
+    assert (status, json.loads(body)) == (503, {"ready": False, "not_ready": ["b"]})
+    samples = scrape(srv)
+    assert value(samples, "hostsvc_config_reloads_total", result="success") == 2
+    assert value(samples, "hostsvc_config_reloads_total", result="failure") == 1
+    assert value(samples, "hostsvc_config_last_reload_success_timestamp_seconds") == 2000.0
+    assert value(samples, "hostsvc_pool_restarts_total", app="b") == 2
+    assert value(samples, "hostsvc_pool_memory_rss_bytes", app="b") == 0
+    build = [dict(k[1]) for k in samples if k[0] == "hostsvc_build_info"]
+    assert len(build) == 1 and build[0]["python"] == ".".join(map(str, sys.version_info[:3]))
+    # b is replaced by a reload (a new app state: its restart count starts again at 0):
+    # the exported counter must not drop.
+    state["apps"]["b"] = {"state": "running", "workers": 1, "worker_pids": [], "restarts": 0}
+    assert value(scrape(srv), "hostsvc_pool_restarts_total", app="b") == 2
+    status, _, body = get(srv.port, "/readyz")
+    assert (status, json.loads(body)) == (200, {"ready": True, "not_ready": []})
+    assert get(srv.port, "/nope")[0] == 404
+    assert get(srv.port, "/metrics", "POST")[0] == 405
+
+
+def test_openmetrics_negotiation(server_for: Any) -> None:
+    srv = server_for(lambda: {"started_at": 0.0, "apps": {}})
+    accept = "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"
+    status, headers, body = get(srv.port, "/metrics", headers={"Accept": accept})
+    assert status == 200
+    assert headers["Content-Type"].startswith("application/openmetrics-text; version=1.0.0")
+    assert body.endswith(b"# EOF\n")
+    names = {f.name for f in parse_openmetrics(body.decode())}
+    assert {"hostsvc_build_info", "hostsvc_config_reloads"} <= names
+    status, headers, _ = get(srv.port, "/metrics", headers={"Accept": "text/plain"})
+    assert headers["Content-Type"].startswith("text/plain; version=0.0.4")
+
+
+# -- nginx: stub_status and the upstream-error routing phase 2 will render ---------------
+NGINX_CONF = """daemon off;
+pid {d}/nginx.pid;
+error_log stderr warn;
+events {{ worker_connections 64; }}
+http {{
+    client_body_temp_path {d}/client_body; proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi; uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;
+    access_log off;
+    upstream app_gamma {{ server unix:{d}/missing.sock fail_timeout=0; }}
+    server {{
+        listen 127.0.0.1:{port};
+        location = /nginx_status {{ stub_status; allow 127.0.0.1; deny all; }}
+        location /gamma/ {{
+            set $hostsvc_app gamma;
+            proxy_pass http://app_gamma;
+            error_page 502 503 504 = @hostsvc_upstream_error;
+        }}
+        location @hostsvc_upstream_error {{
+            proxy_pass http://127.0.0.1:{metrics}/_hostsvc/upstream-error/$hostsvc_app/$upstream_status;
+        }}
+    }}
+}}
+"""
+
+
+def test_nginx_stub_status_and_upstream_errors(server_for: Any, tmp_path: Path) -> None:
+    srv = server_for(lambda: {"started_at": 0.0, "apps": {"gamma": {"state": "failed"}}},
+                     nginx_status_url=None)
+    port = free_port()
+    (tmp_path / "nginx.conf").write_text(NGINX_CONF.format(d=tmp_path, port=port,
+                                                           metrics=srv.port))
+    proc = subprocess.Popen([nginx_binary(), "-p", str(tmp_path), "-c",
+                             str(tmp_path / "nginx.conf"), "-e", "stderr"],
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_for(lambda: get_or_none(port, "/nginx_status"), what="nginx to listen")
+        for _ in range(3):
+            status, _, body = get(port, "/gamma/page")
+            assert status == 503 and b"not running" in body
+        url = f"http://127.0.0.1:{port}/nginx_status"
+        with_nginx = server_for(srv.state, nginx_status_url=url)
+        samples = scrape(with_nginx)
+        assert value(samples, "nginx_up") == 1
+        assert value(samples, "nginx_http_requests_total") >= 5
+        assert value(samples, "nginx_connections_accepted") >= 5
+        assert value(samples, "nginx_connections_handled") >= 5
+        assert value(samples, "nginx_connections_active") >= 1
+        for key in ("reading", "writing", "waiting"):
+            assert value(samples, f"nginx_connections_{key}") is not None
+        assert value(samples, "hostsvc_proxy_errors_total", app="gamma", code="502") == 3
+        assert requests_by(samples, "gamma") == {("GET", "503"): 3}
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    dead = scrape(server_for(srv.state, nginx_status_url=url))
+    assert value(dead, "nginx_up") == 0 and value(dead, "nginx_connections_active") is None
+
+
+def get_or_none(port: int, path: str) -> int | None:
+    try:
+        return get(port, path)[0]
+    except OSError:
+        return None
+
+
+# -- churn: 500 dead workers leave a bounded directory and a small scrape -----------------
+def test_500_worker_restarts_keep_dir_and_scrape_bounded(server_for: Any, tmp_path: Path
+                                                         ) -> None:
+    churn = str(tmp_path / "mp")
+    os.mkdir(churn)
+    app = instrument("churn", lambda environ, start_response: (
+        start_response("200 OK", []), [b"hello"])[1])
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/"}
+    t0 = time.monotonic()
+    for _ in range(500):
+        pid = os.fork()
+        if pid == 0:                     # a worker: 3 requests, then it dies
+            try:
+                os.environ["PROMETHEUS_MULTIPROC_DIR"] = churn
+                for _ in range(3):
+                    app(dict(environ), lambda *a: None)
+            finally:
+                os._exit(0)
+        os.waitpid(pid, 0)
+        archive_process(pid, churn)      # what child_exit does in the arbiter
+    print(f"\n500 worker lifetimes in {time.monotonic() - t0:.1f}s")
+    files = sorted(os.listdir(churn))
+    assert files == ["archive.lock", "counter_archive.db", "histogram_archive.db"]
+    srv = server_for(lambda: {"started_at": 0.0, "apps": {}}, multiproc_path=churn)
+    t1 = time.monotonic()
+    samples = scrape(srv)
+    status, _, body = get(srv.port, "/metrics")
+    print(f"scrape after churn: {len(body)} bytes, {len(samples)} samples, "
+          f"{(time.monotonic() - t1) * 1000:.1f} ms for two scrapes")
+    assert requests_by(samples, "churn") == {("GET", "200"): 1500}
+    assert value(samples, "hostsvc_http_request_duration_seconds_count", app="churn",
+                 method="GET") == 1500
+    assert value(samples, "hostsvc_http_requests_in_flight", app="churn") is None
+    assert len(body) < 20_000
+
+
+# -- deploy/ and docs/ use exactly the exported names -------------------------------------
+PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool",
+                "offset", "and", "or", "unless", "inf", "nan", "le"}
+
+
+def metric_names_in(expr: str) -> set[str]:
+    """Identifiers of a PromQL expression that name metrics (not functions or labels)."""
+    expr = re.sub(r"label_values\(\s*([^,)]*)[^)]*\)", r"\1", expr)   # Grafana's
+    expr = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)                 # strings
+    expr = re.sub(r"\{[^}]*\}", "", expr)                           # label matchers
+    expr = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)",
+                  "", expr)                                          # label lists
+    expr = re.sub(r"\[[^\]]*\]", "", expr)                          # ranges
+    expr = re.sub(r"\$\{?\w+\}?", "", expr)                         # Grafana variables
+    found = set()
+    for m in re.finditer(r"\b[A-Za-z_:][A-Za-z0-9_:]*\b(?!\s*\()", expr):
+        word = m.group(0)
+        if word.lower() not in PROMQL_WORDS:
+            found.add(word)
+    return found
+
+
+def _alert_exprs() -> list[str]:
+    import yaml
+
+    doc = yaml.safe_load((ROOT / "deploy/prometheus/hostsvc-alerts.yaml").read_text())
+    return [r["expr"] for g in doc["groups"] for r in g["rules"]]
+
+
+def _dashboard_exprs() -> list[str]:
+    doc = json.loads((ROOT / "deploy/grafana/hostsvc-dashboard.json").read_text())
+    exprs = [t["expr"] for p in doc["panels"] for t in p.get("targets", [])]
+    exprs += [v["query"] if isinstance(v["query"], str) else v["query"]["query"]
+              for v in doc.get("templating", {}).get("list", []) if v.get("type") == "query"]
+    return exprs
+
+
+def test_alerts_and_dashboard_use_only_exported_names() -> None:
+    exported = exported_names()
+    alerts, dashboard = _alert_exprs(), _dashboard_exprs()
+    assert len(alerts) >= 4 and len(dashboard) >= 10
+    used = set()
+    for expr in alerts + dashboard:
+        names = metric_names_in(expr)
+        assert names, f"no metric in {expr!r}"
+        assert names <= exported, f"{expr!r} uses unknown {sorted(names - exported)}"
+        used |= names
+    unused = [s.name for s in SPECS
+              if not any(n == s.name or n.startswith(s.name + "_") for n in used)]
+    assert not unused, f"on no dashboard panel nor alert: {unused}"
+    # The checker itself catches a misspelt name, wherever it hides.
+    assert metric_names_in('sum by (app) (rate(hostsvc_http_request_total{code=~"5.."}[5m]))'
+                           ' / on (app) nginx_up') == {"hostsvc_http_request_total", "nginx_up"}
+
+
+def test_docs_list_every_metric() -> None:
+    doc = (ROOT / "docs/metrics.md").read_text()
+    missing = [s.name for s in SPECS if f"`{s.name}`" not in doc]
+    assert not missing, f"docs/metrics.md does not list {missing}"
+
+
+def _promtool() -> str:
+    found = shutil.which("promtool")
+    if not found:
+        if os.environ.get("CI"):
+            pytest.fail("promtool is required in CI (apt-get install -y prometheus)")
+        pytest.skip("promtool not installed (apt-get install -y prometheus); "
+                    "CI fails instead of skipping")
+    return found
+
+
+def test_promtool_checks_rules_and_exposition(server_for: Any) -> None:
+    promtool = _promtool()
+    proc = subprocess.run([promtool, "check", "rules",
+                           str(ROOT / "deploy/prometheus/hostsvc-alerts.yaml")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    srv = server_for(lambda: {"started_at": 0.0, "apps": {"a": {"state": "running"}}})
+    get(srv.port, "/_hostsvc/upstream-error/a/502")
+    body = get(srv.port, "/metrics")[2]
+    proc = subprocess.run([promtool, "check", "metrics"], input=body, capture_output=True)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr).decode()
