@@ -1,0 +1,20 @@
+"""Prometheus metrics for hostsvc: one package owns prometheus_client (issue #4).
+
+Who calls what:
+  supervisor, at start      prepare_multiproc_dir(path)      before any pool starts
+  pool child (arbiter)      instrument(name, wsgi_app)       around the app it loads
+                            gunicorn_hooks(name)             into the arbiter's settings
+  supervisor                MetricsServer(state, listen, nginx_status_url).start()/stop()
+
+Every metric is declared once in `spec.SPECS`; docs/metrics.md describes them.
+"""
+from __future__ import annotations
+
+from .multiproc import (archive_dead_processes, archive_process, gunicorn_hooks,
+                        prepare_multiproc_dir)
+from .server import MetricsServer
+from .spec import SPECS, exported_names
+from .wsgi import instrument
+
+__all__ = ["MetricsServer", "SPECS", "archive_dead_processes", "archive_process",
+           "exported_names", "gunicorn_hooks", "instrument", "prepare_multiproc_dir"]
