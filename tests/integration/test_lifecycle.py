@@ -8,7 +8,7 @@ import signal
 import threading
 from pathlib import Path
 
-from conftest import BASIC_CONFIG, survivors, wait_for
+from harness import BASIC_CONFIG, survivors, wait_for
 
 FLAKY_OK = """
 def app(environ, start_response):

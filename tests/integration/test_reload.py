@@ -13,7 +13,7 @@ import threading
 import time
 from pathlib import Path
 
-from conftest import fill, free_port, survivors, wait_for
+from harness import fill, free_port, survivors, wait_for
 
 CONFIG = """
     listen: 127.0.0.1:{port}

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import BASIC_CONFIG, compose, wait_for
+from harness import BASIC_CONFIG, compose, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 
