@@ -186,7 +186,7 @@ class Supervisor:
         ready = [n for n, st in self.apps.items() if st.state == "running"]
         failed = [n for n, st in self.apps.items() if st.state != "running"]
         log.info("%s", _fmt("nginx_started", "nginx", self.nginx.pid))
-        summary = (f"all apps ready" if not failed else
+        summary = ("all apps ready" if not failed else
                    f"{len(ready)} of {len(self.apps)} apps ready (not running: "
                    f"{', '.join(failed)}; their prefixes answer 503)")
         log.info("nginx listening on %s, %s in %.1fs", ", ".join(self.cfg.listen), summary,
