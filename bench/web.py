@@ -1,10 +1,10 @@
 """The framework benchmark (issue #2, speed): is hostsvc.web cheap enough to serve?
 
-One command serves each app of ``bench/apps.py`` in turn on gunicorn (sync, 2 workers)
-and on CherryPy's own server (10 threads), loads it with wrk on loopback, and prints
-requests/s, p50 and p99 per row, the ratios the issue sets targets for, and the
-framework's own cost per request measured in-process (no server, no sockets), which is
-the number the framework owner can act on.
+One command serves each app of ``bench/apps.py`` on gunicorn (sync, 2 workers) and on
+CherryPy's own server (10 threads), loads them with wrk on loopback in interleaved
+rounds, and prints requests/s, p50 and p99 per row, the ratios the issue sets targets
+for, and the framework's own cost per request measured in-process (no server, no
+sockets), which is the number the framework owner can act on.
 
     .venv/bin/python bench/web.py [--duration 8] [--connections 32] [--quick] [--profile]
 
@@ -187,8 +187,10 @@ def measure_servers(duration: int, connections: int, warmup: int) -> list[Result
     All servers start first (idle sync workers cost nothing); then each round gives every
     row one second in turn. Other work on the machine comes and goes, so measuring row
     after row would charge a burst of it to whichever row ran then; interleaving spreads
-    it over all rows, which keeps the ratios honest. A row's figures are the median of
-    its rounds. One second is enough per slice: sync workers have no keep-alive, so
+    it over all rows, which keeps the ratios honest. Each round starts one row later, so
+    no row always runs right after the same server and inherits what that one leaves
+    behind (connections closing, threads winding down). A row's figures are the median
+    of its rounds. One second is enough per slice: sync workers have no keep-alive, so
     every request opens its own connection and there is no ramp-up to amortise.
     """
     targets = [(server, case) for server in SERVERS for case in CASES]
@@ -204,8 +206,9 @@ def measure_servers(duration: int, connections: int, warmup: int) -> list[Result
         if warmup:
             for url in urls.values():
                 run_wrk(url, warmup, connections)
-        for _ in range(duration):
-            for server, case in targets:
+        for round_no in range(duration):
+            shift = round_no % len(targets)
+            for server, case in targets[shift:] + targets[:shift]:
                 out = run_wrk(urls[server, case.key], 1, connections)
                 samples.setdefault((server, case.key), []).append(parse_wrk(out))
     results = []
@@ -354,6 +357,8 @@ def profile(case: Case, calls: int, top: int = 15) -> str:
 
 # -- main ------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
+    """Run the whole benchmark and print its report; the exit status is 0 unless it broke
+    (a MISS is a finding to read, not a failure of the run)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=int, default=8, help="seconds of load per row")
     parser.add_argument("--connections", type=int, default=32)
