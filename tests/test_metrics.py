@@ -471,6 +471,49 @@ def test_500_worker_restarts_keep_dir_and_scrape_bounded(server_for: Any, tmp_pa
     assert len(body) < 20_000
 
 
+def test_merge_killed_midway_is_finished_by_the_next_one(server_for: Any, tmp_path: Path
+                                                         ) -> None:
+    """An arbiter killed after moving the merged archive in place but before removing
+    the merged files must not leave their counts in twice: the journal lets the next
+    merger (here: the scrape's sweep) finish the job."""
+    mp = str(tmp_path / "mp")
+    os.mkdir(mp)
+    app = instrument("journal", lambda environ, start_response: (
+        start_response("200 OK", []), [b"x"])[1])
+    workers = []
+    for _ in range(2):                   # two workers, 3 requests each
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.environ["PROMETHEUS_MULTIPROC_DIR"] = mp
+                for _ in range(3):
+                    app({"REQUEST_METHOD": "GET"}, lambda *a: None)
+            finally:
+                os._exit(0)
+        os.waitpid(pid, 0)
+        workers.append(pid)
+    archive_process(workers[0], mp)
+    arbiter = os.fork()
+    if arbiter == 0:                     # merges the second worker, dies mid-way
+        real_unlink = os.unlink
+
+        def unlink_then_die(path: str) -> None:
+            if os.path.basename(path) == f"counter_{workers[1]}.db":
+                os.kill(os.getpid(), signal.SIGKILL)
+            real_unlink(path)
+        os.unlink = unlink_then_die      # only in this forked child
+        archive_process(workers[1], mp)
+        os._exit(0)
+    _, status = os.waitpid(arbiter, 0)
+    assert os.WIFSIGNALED(status)
+    left = set(os.listdir(mp))
+    assert {"archive.journal", "counter_archive.db", f"counter_{workers[1]}.db"} <= left
+    srv = server_for(lambda: {"started_at": 0.0, "apps": {}}, multiproc_path=mp)
+    assert requests_by(scrape(srv), "journal") == {("GET", "200"): 6}
+    assert sorted(os.listdir(mp)) == ["archive.lock", "counter_archive.db",
+                                      "histogram_archive.db"]
+
+
 # -- deploy/ and docs/ use exactly the exported names -------------------------------------
 PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool",
                 "offset", "and", "or", "unless", "inf", "nan", "le"}
