@@ -312,6 +312,31 @@ def test_timeout_and_max_requests_restarts(gunicorns: list[Gunicorn], server_for
     assert value(samples, "hostsvc_http_requests_in_flight", app="beta") in (None, 0)
 
 
+def test_gthread_worker_counts_concurrent_requests(gunicorns: list[Gunicorn],
+                                                   server_for: Any) -> None:
+    """hostsvc runs gthread workers when an app has threads > 1: in-flight is per
+    request, not per process."""
+    g = Gunicorn("epsilon", workers=1, threads=4)
+    gunicorns.append(g)
+    srv = server_for(lambda: {"started_at": 0.0, "apps": {"epsilon": g.app_state()}})
+    pidfiles = [os.path.join(MP_DIR, f"epsilon-{i}.pid") for i in range(3)]
+    sleepers = [threading.Thread(target=g.request, args=("GET", f"/sleep/2?pidfile={p}"))
+                for p in pidfiles]
+    for t in sleepers:
+        t.start()
+    wait_for(lambda: all(os.path.exists(p) for p in pidfiles), what="3 requests in flight")
+    assert value(scrape(srv), "hostsvc_http_requests_in_flight", app="epsilon") == 3
+    for t in sleepers:
+        t.join(10)
+    samples = scrape(srv)
+    assert value(samples, "hostsvc_http_requests_in_flight", app="epsilon") == 0
+    assert requests_by(samples, "epsilon") == {("GET", "200"): 3}
+    assert value(samples, "hostsvc_http_request_duration_seconds_bucket", app="epsilon",
+                 method="GET", le="1.0") == 0
+    assert value(samples, "hostsvc_http_request_duration_seconds_bucket", app="epsilon",
+                 method="GET", le="2.5") == 3
+
+
 # -- the supervisor's endpoints ---------------------------------------------------------
 def test_upstream_error_endpoint_counts_under_the_app(server_for: Any) -> None:
     srv = server_for(lambda: {"started_at": 0.0, "apps": {"delta": {"state": "backoff"}}})
