@@ -89,6 +89,7 @@ class Supervisor:
         self.started_at = time.time()
         self.pid = os.getpid()
         self.last_reload: dict[str, Any] | None = None
+        self.reloads: dict[str, Any] = {"ok": 0, "failed": 0, "last_success": None}
         self.config_digest = ""
         self._last_state = ""
         self._next_scan = 0.0
@@ -455,6 +456,9 @@ class Supervisor:
 
     def _reload_done(self, ok: bool, message: str) -> bool:
         self.last_reload = {"at": time.time(), "ok": ok, "message": message}
+        self.reloads["ok" if ok else "failed"] += 1
+        if ok:
+            self.reloads["last_success"] = self.last_reload["at"]
         log.log(logging.INFO if ok else logging.ERROR, "%s",
                 _fmt("reloaded" if ok else "reload_failed", message=repr(message)))
         self.write_state()
@@ -531,6 +535,7 @@ class Supervisor:
             "nginx": {"pid": self.nginx.pid if self.nginx and self.nginx.alive() else None,
                       "state": "running" if self.nginx and self.nginx.alive() else "stopped"},
             "last_reload": self.last_reload,
+            "reloads": dict(self.reloads),
             "apps": apps,
         }
 

@@ -138,6 +138,7 @@ def test_reload_replaces_adds_and_removes_apps_without_failing_a_request(hostsvc
     old_pids = {pid: start for pid, start in svc.known_pids.items() if pid in old_pids}
     wait_for(lambda: not survivors(old_pids), what="the old echo and legacy arbiters to stop")
     assert svc.state()["last_reload"]["ok"] is True
+    assert svc.state()["reloads"]["ok"] == 1 and svc.state()["reloads"]["failed"] == 0
     assert f"app=echo pid={before['echo']['pid']} event=stopping" in svc.stderr()
 
 
@@ -169,6 +170,7 @@ def test_a_reload_that_fails_validation_changes_nothing(hostsvc) -> None:
     last = wait_for(lambda: (r := svc.state()["last_reload"]) and "missing" in r["message"]
                     and r, what="the second reload result")
     assert last["ok"] is False and "has no attribute 'missing'" in last["message"]
+    assert svc.state()["reloads"] == {"ok": 0, "failed": 2, "last_success": None}
 
     after = svc.state()["apps"]
     assert {n: a["pid"] for n, a in after.items()} == {n: a["pid"] for n, a in before.items()}
