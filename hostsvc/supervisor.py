@@ -45,6 +45,7 @@ BACKOFF_START, BACKOFF_MAX = 1.0, 30.0
 STABLE_AFTER = 30.0           # a pool up this long resets its crash counter
 CRASHLOOP_AFTER = 3           # consecutive failures before state says "crashloop"
 TICK = 0.25
+UNIX_PATH_MAX = 107           # sun_path is 108 bytes on Linux, with the final NUL
 
 
 @dataclass
@@ -132,6 +133,12 @@ class Supervisor:
 
     def _claim_runtime_dir(self) -> bool:
         rd = Path(self.runtime_dir)
+        longest = max([len(a.name) for a in self.cfg.apps] or [0])
+        if len(str(rd / "sockets")) + longest + 12 > UNIX_PATH_MAX:
+            # bind() would fail with an obscure error in every pool: say it here.
+            log.error("runtime dir %s is too long for unix socket paths (%d bytes max); "
+                      "use a shorter runtime_dir or --runtime-dir", rd, UNIX_PATH_MAX)
+            return False
         (rd / "sockets").mkdir(parents=True, exist_ok=True)
         pidfile = rd / "hostsvc.pid"
         try:
