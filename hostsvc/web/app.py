@@ -66,15 +66,20 @@ class Application:
                 return self.config[section]["request.dispatch"]
         return self._default_dispatcher
 
-    def _config_for(self, sources: list[Any]) -> tuple[dict[str, Any], HookMap]:
+    def _config_for(self, res: Resolution) -> tuple[dict[str, Any], HookMap]:
         """Merged config and tool hooks for a dispatch's config sources, cached.
 
         Sources are long-lived dicts (class `_cp_config`, app config sections), so their
         identities key the cache; the cache keeps them referenced so ids are not reused.
+        A remembered (static) resolution also carries its merge, saving the key.
         """
-        if self._merged_version != global_config.version:
+        version = global_config.version
+        if res.merged is not None and res.merged[0] == version:
+            return res.merged[1], res.merged[2]
+        if self._merged_version != version:
             self._merged.clear()
-            self._merged_version = global_config.version
+            self._merged_version = version
+        sources = res.sources
         key = tuple(s if isinstance(s, tuple) else id(s) for s in sources)
         hit = self._merged.get(key)
         if hit is None:
@@ -88,6 +93,8 @@ class Application:
             if len(self._merged) >= _CACHE_LIMIT:
                 self._merged.clear()
             hit = self._merged[key] = (merged, hooks, sources)
+        if res.static:
+            res.merged = (version, hit[0], hit[1])
         return hit[0], hit[1]
 
     # -- WSGI ----------------------------------------------------------------------------
@@ -144,7 +151,7 @@ class Application:
                     req.params = dict(req.query)
                 path = req.path_info
                 res = self._dispatcher_for(path)(self, path)
-                req.config, hooks = self._config_for(res.sources)
+                req.config, hooks = self._config_for(res)
                 req.hooks = hooks = hooks.for_request()
                 req.is_index = res.is_index
                 req.handler = res.handler

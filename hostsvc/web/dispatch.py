@@ -78,7 +78,7 @@ class Resolution:
     resolution is shared between requests and must not be modified.
     """
 
-    __slots__ = ("handler", "vpath", "sources", "is_index", "static")
+    __slots__ = ("handler", "vpath", "sources", "is_index", "static", "merged")
 
     def __init__(self, handler: Any, vpath: list[str], sources: list[Any],
                  is_index: bool | None, static: bool = False) -> None:
@@ -87,6 +87,7 @@ class Resolution:
         self.sources = sources
         self.is_index = is_index
         self.static = static
+        self.merged: tuple[int, dict[str, Any], Any] | None = None  # set by the application
 
 
 _ROUTE_CACHE_LIMIT = 4096
