@@ -192,7 +192,7 @@ def test_hosts_add_a_444_default_server(tmp_path: Path) -> None:
     """)
     text = render(load(path), {"a": "/r/a.sock", "b": "/r/b.sock"}, "/r")
     assert "server_name a.example;" in text
-    assert "server_name _;\n        return 444;" in text
+    assert "server_name _;\n        set $hostsvc_app -;\n        return 444;" in text
 
 
 def test_check_command_reports_import_errors(tmp_path: Path, capsys) -> None:
