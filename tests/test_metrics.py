@@ -4,7 +4,7 @@ Every scrape is read with prometheus_client's own parser. Counts are asserted ex
 timings are printed, never asserted (shared CI machines are noisy).
 
 PROMETHEUS_MULTIPROC_DIR must be set before prometheus_client is imported in this
-process, hence the module-level prepare_multiproc_dir() above the parser imports.
+process: see the `mp_dir` fixture.
 """
 from __future__ import annotations
 
@@ -31,21 +31,25 @@ from hostsvc.metrics import (SPECS, MetricsServer, archive_process, exported_nam
 from hostsvc.pool import children_of
 from hostsvc.proxy import nginx_binary
 
-MP_DIR = tempfile.mkdtemp(prefix="hostsvc-metrics-test-")
-prepare_multiproc_dir(MP_DIR)
-
-from prometheus_client.openmetrics.parser import \
-    text_string_to_metric_families as parse_openmetrics  # noqa: E402
-from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
-
 ROOT = Path(__file__).resolve().parent.parent
 SUPPORT = Path(__file__).resolve().parent / "support"
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _remove_mp_dir() -> Iterator[None]:
-    yield
-    shutil.rmtree(MP_DIR, ignore_errors=True)
+def mp_dir() -> Iterator[str]:
+    """The metrics directory of this module's gunicorns and servers, set up the way the
+    supervisor will: before this process imports prometheus_client (the parsers are
+    imported inside the helpers for that reason). The variable is restored afterwards
+    so other test modules' subprocesses do not inherit it."""
+    previous = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    path = tempfile.mkdtemp(prefix="hostsvc-metrics-test-")
+    prepare_multiproc_dir(path)
+    yield path
+    if previous is None:
+        del os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    else:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = previous
+    shutil.rmtree(path, ignore_errors=True)
 
 
 # -- helpers ----------------------------------------------------------------------------
@@ -170,6 +174,8 @@ def scrape(srv: MetricsServer) -> Samples:
     status, headers, body = get(srv.port, "/metrics")
     assert status == 200, body
     assert headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    from prometheus_client.parser import text_string_to_metric_families
+
     out: Samples = {}
     for family in text_string_to_metric_families(body.decode()):
         for s in family.samples:
@@ -203,7 +209,8 @@ def assert_no_counter_went_back(before: Samples, after: Samples) -> None:
 
 # -- request metrics through real workers -----------------------------------------------
 def test_counts_exact_across_worker_kill_and_pool_restart(gunicorns: list[Gunicorn],
-                                                          server_for: Any) -> None:
+                                                          server_for: Any, mp_dir: str
+                                                          ) -> None:
     g = Gunicorn("alpha")
     gunicorns.append(g)
     state = {"started_at": time.time() - 5, "apps": {"alpha": g.app_state()}}
@@ -232,7 +239,7 @@ def test_counts_exact_across_worker_kill_and_pool_restart(gunicorns: list[Gunico
     assert value(first, "hostsvc_http_requests_in_flight", app="alpha") == 0
 
     # A request stuck in a worker shows in flight; SIGKILL that worker mid-request.
-    pidfile = os.path.join(MP_DIR, "sleeper.pid")
+    pidfile = os.path.join(mp_dir, "sleeper.pid")
     stuck = threading.Thread(target=lambda: pytest.raises(
         (http.client.HTTPException, OSError), g.request, "GET",
         f"/sleep/30?pidfile={pidfile}"), daemon=True)
@@ -254,7 +261,7 @@ def test_counts_exact_across_worker_kill_and_pool_restart(gunicorns: list[Gunico
     assert value(second, "hostsvc_worker_restarts_total", app="alpha", cause="crash") == 1
     assert not [k for k in second if k[0] == "hostsvc_worker_restarts_total"
                 and dict(k[1])["cause"] != "crash"]
-    assert not list(Path(MP_DIR).glob(f"*_{victim}.db")), "the dead worker's files remain"
+    assert not list(Path(mp_dir).glob(f"*_{victim}.db")), "the dead worker's files remain"
 
     # Pool gauges computed from state() and /proc.
     assert value(second, "hostsvc_pool_workers", app="alpha", kind="live") == 2
@@ -276,7 +283,7 @@ def test_counts_exact_across_worker_kill_and_pool_restart(gunicorns: list[Gunico
     assert_no_counter_went_back(second, third)
     assert value(third, "hostsvc_worker_restarts_total", app="alpha", cause="crash") == 1
     assert value(third, "hostsvc_pool_state", app="alpha", state="stopped") == 1
-    assert not list(Path(MP_DIR).glob(f"*_{arbiter}.db"))
+    assert not list(Path(mp_dir).glob(f"*_{arbiter}.db"))
     g2 = Gunicorn("alpha")
     gunicorns.append(g2)
     g = g2
@@ -286,7 +293,7 @@ def test_counts_exact_across_worker_kill_and_pool_restart(gunicorns: list[Gunico
     assert requests_by(fourth, "alpha") == sent
     assert_no_counter_went_back(third, fourth)
     print(f"\nalpha: {sum(sent.values())} requests counted exactly; "
-          f"files in the metrics dir: {len(os.listdir(MP_DIR))}")
+          f"files in the metrics dir: {len(os.listdir(mp_dir))}")
 
 
 def test_timeout_and_max_requests_restarts(gunicorns: list[Gunicorn], server_for: Any
@@ -313,13 +320,13 @@ def test_timeout_and_max_requests_restarts(gunicorns: list[Gunicorn], server_for
 
 
 def test_gthread_worker_counts_concurrent_requests(gunicorns: list[Gunicorn],
-                                                   server_for: Any) -> None:
+                                                   server_for: Any, tmp_path: Path) -> None:
     """hostsvc runs gthread workers when an app has threads > 1: in-flight is per
     request, not per process."""
     g = Gunicorn("epsilon", workers=1, threads=4)
     gunicorns.append(g)
     srv = server_for(lambda: {"started_at": 0.0, "apps": {"epsilon": g.app_state()}})
-    pidfiles = [os.path.join(MP_DIR, f"epsilon-{i}.pid") for i in range(3)]
+    pidfiles = [str(tmp_path / f"epsilon-{i}.pid") for i in range(3)]
     sleepers = [threading.Thread(target=g.request, args=("GET", f"/sleep/2?pidfile={p}"))
                 for p in pidfiles]
     for t in sleepers:
@@ -388,7 +395,9 @@ def test_openmetrics_negotiation(server_for: Any) -> None:
     assert status == 200
     assert headers["Content-Type"].startswith("application/openmetrics-text; version=1.0.0")
     assert body.endswith(b"# EOF\n")
-    names = {f.name for f in parse_openmetrics(body.decode())}
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families
+
+    names = {f.name for f in text_string_to_metric_families(body.decode())}
     assert {"hostsvc_build_info", "hostsvc_config_reloads"} <= names
     status, headers, _ = get(srv.port, "/metrics", headers={"Accept": "text/plain"})
     assert headers["Content-Type"].startswith("text/plain; version=0.0.4")

@@ -24,7 +24,6 @@ import os
 import platform
 import re
 import threading
-import time
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Iterator
@@ -119,6 +118,7 @@ class SupervisorCollector:
         return cls(name, spec.help, labels=spec.labels or None)
 
     def collect(self) -> Iterator[Any]:
+        """The registry's entry point: one state() call per scrape."""
         doc = self.state()
         yield from self._pools(doc.get("apps", {}))
         yield from self._supervisor(doc)
@@ -205,7 +205,9 @@ class MetricsServer:
     """The supervisor's HTTP endpoint for Prometheus, probes and nginx's error routing.
 
     A thread of the supervisor (ThreadingHTTPServer, one thread per connection), so a
-    slow scrape never blocks the supervisor's loop and vice versa.
+    slow scrape never blocks the supervisor's loop and vice versa. `state` is called
+    from those threads: give it a snapshot, not live objects. prepare_multiproc_dir()
+    (or `multiproc_path`) must come first.
     """
 
     def __init__(self, state: Callable[[], dict[str, Any]], listen: str = "127.0.0.1:9090",
