@@ -350,12 +350,14 @@ def test_upstream_error_endpoint_counts_under_the_app(server_for: Any) -> None:
     status, headers, body = get(srv.port, "/_hostsvc/upstream-error/delta/502", "POST")
     assert (status, headers["Retry-After"]) == (503, "5") and b"not running" in body
     assert get(srv.port, "/_hostsvc/upstream-error/delta/504")[0] == 504
+    assert get(srv.port, "/_hostsvc/upstream-error/delta/502", "PURGE")[0] == 503
     assert get(srv.port, "/_hostsvc/upstream-error/nosuchapp/502")[0] == 404
     assert get(srv.port, "/_hostsvc/upstream-error/delta/500")[0] == 404
     samples = scrape(srv)
-    assert value(samples, "hostsvc_proxy_errors_total", app="delta", code="502") == 1
+    assert value(samples, "hostsvc_proxy_errors_total", app="delta", code="502") == 2
     assert value(samples, "hostsvc_proxy_errors_total", app="delta", code="504") == 1
-    assert requests_by(samples, "delta") == {("POST", "503"): 1, ("GET", "504"): 1}
+    assert requests_by(samples, "delta") == {("POST", "503"): 1, ("GET", "504"): 1,
+                                             ("other", "503"): 1}
     assert value(samples, "hostsvc_app_ready", app="delta") == 0
 
 

@@ -23,6 +23,7 @@ import json
 import os
 import platform
 import re
+import socket
 import threading
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -235,7 +236,10 @@ class MetricsServer:
         class Handler(_Handler):
             metrics = server
 
-        self.httpd = ThreadingHTTPServer(self.address, Handler)
+        class Server(ThreadingHTTPServer):
+            address_family = socket.AF_INET6 if ":" in self.address[0] else socket.AF_INET
+
+        self.httpd = Server(self.address, Handler)
         self.httpd.daemon_threads = True
         self.thread = threading.Thread(target=self.httpd.serve_forever,
                                        name="hostsvc-metrics", daemon=True)
@@ -341,4 +345,9 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._send(404, b"not found\n", "text/plain; charset=utf-8")
 
-    do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = _handle
+    def __getattr__(self, name: str) -> Any:
+        """Every method (`do_GET`, `do_PURGE`, ...) goes to _handle: nginx forwards a
+        failed request to the upstream-error endpoint with the client's method."""
+        if name.startswith("do_"):
+            return self._handle
+        raise AttributeError(name)
