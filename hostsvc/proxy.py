@@ -16,7 +16,6 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -180,6 +179,7 @@ class Nginx:
     def __init__(self, runtime_dir: str) -> None:
         self.runtime_dir = runtime_dir
         self.conf_path = os.path.join(runtime_dir, "nginx.conf")
+        self.pid_path = Path(runtime_dir, "nginx.pid")       # as render() writes it
         self.proc: subprocess.Popen[bytes] | None = None
 
     def _args(self, conf: str) -> list[str]:
@@ -202,25 +202,34 @@ class Nginx:
     def pid(self) -> int | None:
         return self.proc.pid if self.proc else None
 
-    def start(self, listens: list[str], preexec_fn: Callable[[], None] | None = None,
+    def start(self, preexec_fn: Callable[[], None] | None = None,
               timeout: float = 10) -> None:
-        """Start nginx on the written config and wait until every listener accepts."""
+        """Start nginx on the written config; return once it listens on every address.
+
+        The sign is nginx's pid file: nginx writes it only after it has bound and is
+        listening on all its sockets. (Connecting to the port proves nothing: someone
+        else may hold it while nginx retries bind() and then gives up.)
+        """
+        self.pid_path.unlink(missing_ok=True)
         # Its own process group: a terminal's Ctrl-C reaches the supervisor only, which
         # then drains nginx gracefully instead of nginx dying on SIGINT.
         self.proc = subprocess.Popen(self._args(self.conf_path), stdin=subprocess.DEVNULL,
                                      preexec_fn=preexec_fn, process_group=0)
         deadline = time.monotonic() + timeout
-        pending = list(listens)
-        while pending:
+        while self._pid_file() != self.proc.pid:
             if self.proc.poll() is not None:
                 raise NginxError(f"nginx exited with status {self.proc.returncode} at start "
                                  "(see its error above: a port in use?)")
-            if _accepts(pending[0]):
-                pending.pop(0)
-                continue
             if time.monotonic() > deadline:
-                raise NginxError(f"nginx is not accepting on {pending[0]} after {timeout}s")
+                self.stop(graceful=False)
+                raise NginxError(f"nginx did not start listening within {timeout}s")
             time.sleep(0.05)
+
+    def _pid_file(self) -> int | None:
+        try:
+            return int(self.pid_path.read_text().strip())
+        except (OSError, ValueError):
+            return None
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -244,15 +253,3 @@ class Nginx:
             return True
         except subprocess.TimeoutExpired:
             return False
-
-
-def _accepts(listen: str) -> bool:
-    host, _, port = _listen_directive(listen).rpartition(":")
-    host = host.strip("[]") or "127.0.0.1"
-    if host in ("0.0.0.0", "*"):
-        host = "127.0.0.1"
-    try:
-        with socket.create_connection((host, int(port)), timeout=0.5):
-            return True
-    except OSError:
-        return False

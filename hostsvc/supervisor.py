@@ -84,6 +84,7 @@ class Supervisor:
         self.draining: list[tuple[Pool, float]] = []     # old pools and their kill deadline
         self.nginx: Nginx | None = None
         self.nginx_restart_at = 0.0
+        self.nginx_failures = 0
         self.nginx_workers: list[int] = []
         self.signals: list[int] = []
         self.wakeup_r = self.wakeup_w = -1
@@ -187,7 +188,7 @@ class Supervisor:
         self.nginx = Nginx(self.runtime_dir)
         try:
             self.nginx.write_config(self._render())
-            self.nginx.start(self.cfg.listen, preexec_fn=self._nginx_preexec)
+            self.nginx.start(preexec_fn=self._nginx_preexec)
         except NginxError as exc:
             log.error("%s", _fmt("nginx_failed", error=exc))
             return False
@@ -327,19 +328,22 @@ class Supervisor:
             return
         now = time.monotonic()
         if not self.nginx_restart_at:
+            self.nginx_failures += 1
+            delay = min(BACKOFF_START * 2 ** (self.nginx_failures - 1), BACKOFF_MAX)
             log.error("%s", _fmt("nginx_exited", "nginx", self.nginx.pid,
-                                 code=self.nginx.proc.returncode, restart_in="1s"))
+                                 code=self.nginx.proc.returncode, restart_in=f"{delay:.0f}s"))
             # Workers of a killed master live on holding the port: stop them first.
             for pid in self.nginx_workers:
                 try:
                     os.kill(pid, signal.SIGTERM)
                 except ProcessLookupError:
                     pass
-            self.nginx_restart_at = now + 1
+            self.nginx_restart_at = now + delay
         elif now >= self.nginx_restart_at:
             self.nginx_restart_at = 0.0
             try:
-                self.nginx.start(self.cfg.listen, preexec_fn=self._nginx_preexec)
+                self.nginx.start(preexec_fn=self._nginx_preexec)
+                self.nginx_failures = 0
                 log.info("%s", _fmt("nginx_started", "nginx", self.nginx.pid))
             except NginxError as exc:
                 log.error("%s", _fmt("nginx_failed", error=exc))

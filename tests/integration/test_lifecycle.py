@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import threading
 from pathlib import Path
 
@@ -123,3 +124,16 @@ def _answers(svc) -> bool:
         return svc.request("/echo/")[0] == 200
     except OSError:
         return False
+
+
+def test_a_port_in_use_stops_everything_with_a_clear_error(hostsvc) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()      # it even accepts connections: only nginx's own word counts
+        svc = hostsvc(BASIC_CONFIG, wait=False, port=busy.getsockname()[1])
+        assert svc.proc.wait(60) == 1
+    err = svc.stderr()
+    assert "Address already in use" in err
+    assert "event=nginx_failed" in err and "a port in use?" in err
+    assert "app=echo" in err and err.count("event=stopped") == 2
+    assert not (svc.runtime_dir / "hostsvc.pid").exists()
