@@ -122,6 +122,7 @@ class LineLoader(yaml.SafeLoader):
     """
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> Mapping:
+        """A Mapping with the line of every key; a repeated key is an error."""
         self.flatten_mapping(node)
         result = Mapping()
         result.line = node.start_mark.line + 1
@@ -137,6 +138,7 @@ class LineLoader(yaml.SafeLoader):
         return result
 
     def construct_sequence(self, node: yaml.SequenceNode, deep: bool = False) -> Sequence:
+        """A Sequence with the line of every item."""
         result = Sequence(self.construct_object(child, deep=True) for child in node.value)
         result.line = node.start_mark.line + 1
         result.item_lines = [child.start_mark.line + 1 for child in node.value]
@@ -201,9 +203,11 @@ class _Checker:
         self.errors: list[str] = []
 
     def error(self, line: int, key: str, message: str) -> None:
+        """Record `FILE:LINE: KEY: message`."""
         self.errors.append(f"{self.source}:{line}: {key}: {message}")
 
     def unknown_keys(self, mapping: Mapping, allowed: set[str], where: str) -> None:
+        """A typo'd key must not be silently ignored: name it and list the valid ones."""
         for key in mapping:
             if key not in allowed:
                 self.error(mapping.key_lines[key], f"{where}{key}" if where else str(key),
@@ -222,9 +226,11 @@ class _Checker:
         return converted
 
     def line_of(self, mapping: Mapping, key: str) -> int:
+        """The key's line, or the mapping's own when the key is absent."""
         return mapping.key_lines.get(key, mapping.line)
 
     def resolve_path(self, value: str) -> str:
+        """Relative paths in the file are relative to the file, not to the cwd."""
         return str((self.base_dir / os.path.expanduser(value)).resolve())
 
 

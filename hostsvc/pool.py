@@ -129,15 +129,19 @@ def _run_arbiter(spec: dict[str, Any]) -> None:
     arbiter_pid = os.getpid()
 
     def post_fork(server: Any, worker: Any) -> None:
+        """In each new worker: die with the arbiter, even if it is SIGKILLed."""
         set_parent_death_signal(signal.SIGTERM, arbiter_pid)
 
     def post_worker_init(worker: Any) -> None:
+        """In each worker once booted: the first such byte tells the supervisor "ready"."""
         try:
             os.write(ready_fd, READY_BYTE)
         except OSError:
             pass   # the supervisor already read the first worker's byte and closed its end
 
     class HostsvcApplication(BaseApplication):
+        """gunicorn's embedding API: settings from the app's config, no command line."""
+
         def load_config(self) -> None:
             for key, value in gunicorn_options(app, spec["socket"]).items():
                 self.cfg.set(key, value)
@@ -233,6 +237,7 @@ class Pool:
 
     @property
     def pid(self) -> int | None:
+        """The arbiter's pid (also after it exited), None before start()."""
         return self.proc.pid if self.proc else None
 
     def start(self, preexec_fn: Callable[[], None] | None = None) -> None:
@@ -279,9 +284,11 @@ class Pool:
         return self.proc.poll() if self.proc else 0
 
     def alive(self) -> bool:
+        """Whether the arbiter still runs (reaps it if not)."""
         return self.exit_code() is None
 
     def signal(self, sig: int) -> None:
+        """Send `sig` to the arbiter if it still runs."""
         if self.proc and self.proc.poll() is None:
             try:
                 self.proc.send_signal(sig)

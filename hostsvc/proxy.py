@@ -200,6 +200,7 @@ class Nginx:
 
     @property
     def pid(self) -> int | None:
+        """The master's pid, None before start()."""
         return self.proc.pid if self.proc else None
 
     def start(self, preexec_fn: Callable[[], None] | None = None,
@@ -232,6 +233,7 @@ class Nginx:
             return None
 
     def alive(self) -> bool:
+        """Whether the master still runs."""
         return self.proc is not None and self.proc.poll() is None
 
     def reload(self) -> None:
