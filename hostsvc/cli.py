@@ -41,7 +41,8 @@ examples:
   hostsvc status --json                         the raw state.json
 
 The runtime dir (sockets, nginx.conf, state.json, hostsvc.pid) is the config's
-runtime_dir (default ./run), or --runtime-dir. Config reference: docs/config.md.
+runtime_dir (default ./run), or --runtime-dir; status and reload also look at
+$HOSTSVC_RUNTIME_DIR. Config reference: docs/config.md.
 """
 
 
@@ -74,12 +75,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("config", nargs="?", default=None,
                    help="config file (default: the one the supervisor runs)")
     p.add_argument("--runtime-dir", help="where the supervisor runs (default: from CONFIG, "
-                   "else ./run)")
+                   "else $HOSTSVC_RUNTIME_DIR, else ./run)")
     p.add_argument("--timeout", type=float, default=120, help="seconds to wait (default 120)")
 
     p = sub.add_parser("status", help="show apps, pids, workers, restarts, state",
                        description="Print the running supervisor's RUNTIME/state.json.")
-    p.add_argument("--runtime-dir", default=None, help="default: ./run")
+    p.add_argument("--runtime-dir", default=None,
+                   help="default: $HOSTSVC_RUNTIME_DIR, else ./run")
     p.add_argument("--json", action="store_true", help="print state.json as is")
 
     args = parser.parse_args(argv)
@@ -135,7 +137,13 @@ def _runtime_dir(args: argparse.Namespace) -> str:
             return configmod.load(args.config).runtime_dir
         except ConfigError:
             pass
-    return configmod.DEFAULT_RUNTIME_DIR
+    return _default_runtime_dir()
+
+
+def _default_runtime_dir() -> str:
+    """Where to look for a running supervisor when nothing else says: a container's
+    entrypoint exports HOSTSVC_RUNTIME_DIR, so `hostsvc status` works there as is."""
+    return os.environ.get("HOSTSVC_RUNTIME_DIR") or configmod.DEFAULT_RUNTIME_DIR
 
 
 def read_state(runtime_dir: str) -> dict[str, Any] | None:
@@ -195,7 +203,7 @@ def cmd_reload(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """`hostsvc status`: a table from state.json; exit 1 if no supervisor runs."""
-    runtime_dir = args.runtime_dir or configmod.DEFAULT_RUNTIME_DIR
+    runtime_dir = args.runtime_dir or _default_runtime_dir()
     state = read_state(runtime_dir)
     if state is None:
         print(f"hostsvc: no state.json in {runtime_dir} (not started here?)", file=sys.stderr)

@@ -245,3 +245,11 @@ def test_run_refuses_an_invalid_config_before_starting_anything(tmp_path: Path,
     assert f"{path}:4: apps[0].workers: expected a positive integer, got 0" in \
         capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_status_without_a_supervisor_says_so(tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.setenv("HOSTSVC_RUNTIME_DIR", str(tmp_path / "nowhere"))
+    assert cli.main(["status"]) == 1
+    assert f"no state.json in {tmp_path / 'nowhere'}" in capsys.readouterr().err
+    assert cli.main(["reload"]) == 1
+    assert f"no supervisor running in {tmp_path / 'nowhere'}" in capsys.readouterr().err
