@@ -4,6 +4,7 @@ Kubernetes-ConfigMap-style symlink swap."""
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import signal
 import socket
@@ -12,6 +13,8 @@ import sys
 import threading
 import time
 from pathlib import Path
+
+import pytest
 
 from harness import fill, free_port, survivors, wait_for
 
@@ -81,7 +84,6 @@ class Traffic(threading.Thread):
             else:
                 self.ok += 1
                 if body.startswith(b"{"):
-                    import json
                     greeting = json.loads(body)["greeting"]
                     if not self.greetings or self.greetings[-1] != greeting:
                         self.greetings.append(greeting)
@@ -101,8 +103,14 @@ def hostsvc_cli(*args: str) -> subprocess.CompletedProcess[str]:
                           text=True, timeout=180)
 
 
-def test_reload_replaces_adds_and_removes_apps_without_failing_a_request(hostsvc) -> None:
-    svc = hostsvc(CONFIG % ("hello", "legacy"))
+@pytest.mark.parametrize("threads", [1, 4], ids=["sync", "gthread-keepalive"])
+def test_reload_replaces_adds_and_removes_apps_without_failing_a_request(hostsvc,
+                                                                        threads: int) -> None:
+    # gthread pools also get nginx upstream keep-alive connections, which the old nginx
+    # workers hold to the old pool until they exit.
+    config = CONFIG.replace("graceful_timeout: 5",
+                            f"graceful_timeout: 5\n        threads: {threads}")
+    svc = hostsvc(config % ("hello", "legacy"))
     before = svc.state()["apps"]
     assert svc.request("/legacy/")[0] == 200
     echo_traffic = Traffic(svc.port, "/echo/")
@@ -111,7 +119,7 @@ def test_reload_replaces_adds_and_removes_apps_without_failing_a_request(hostsvc
     tree_traffic.start()
     try:
         wait_for(lambda: echo_traffic.ok > 20 and tree_traffic.ok > 20, what="traffic")
-        svc.write_config(CONFIG % ("bonjour", "fresh"))
+        svc.write_config(config % ("bonjour", "fresh"))
         out = hostsvc_cli("reload", str(svc.config_path), "--runtime-dir", str(svc.runtime_dir))
         assert out.returncode == 0, out.stdout + out.stderr
         assert "reload ok: added: fresh; replaced: echo; removed: legacy" in out.stdout
@@ -221,3 +229,24 @@ def test_a_reload_nginx_cannot_apply_keeps_the_old_apps(hostsvc) -> None:
     assert after["echo"]["socket"] == before["echo"]["socket"]
     assert "event=reload_failed" in svc.stderr()
     assert f"unix:{before['echo']['socket']}" in (svc.runtime_dir / "nginx.conf").read_text()
+
+
+def test_a_request_in_flight_during_a_reload_completes_on_the_old_version(
+        hostsvc, tmp_path: Path) -> None:
+    svc = hostsvc(CONFIG % ("hello", "legacy"))
+    started = tmp_path / "slow-started"
+    result: dict = {}
+
+    def slow() -> None:
+        result["response"] = svc.request(f"/echo/?sleep=2&touch={started}")
+
+    t = threading.Thread(target=slow)
+    t.start()
+    wait_for(started.exists, what="the slow request to reach the old echo")
+    svc.write_config(CONFIG % ("bonjour", "legacy"))
+    os.kill(svc.proc.pid, signal.SIGHUP)
+    t.join(60)
+    status, _, body = result["response"]
+    assert status == 200 and json.loads(body)["greeting"] == "hello"
+    wait_for(lambda: svc.state()["last_reload"], what="the reload result")
+    assert svc.get_json("/echo/")["greeting"] == "bonjour"
