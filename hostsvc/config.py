@@ -1,4 +1,4 @@
-"""Loading and validating hostsvc's YAML config: one file declares listeners, apps and static mounts.
+"""Loading and validating hostsvc's YAML config: listeners, apps and static mounts.
 
 Why a module of its own: every error a user can make in the file must be caught here,
 before any process starts, and reported as `FILE:LINE: key.path: expected ..., got ...`.
@@ -26,7 +26,8 @@ NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 SPEC_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 SIZE_RE = re.compile(r"^[0-9]+[kKmMgG]?$")
 HOST_RE = re.compile(r"^(\*\.)?[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$")
-LISTEN_RE = re.compile(r"^(?:(?P<host>[0-9.]+|\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):)?(?P<port>[0-9]{1,5})$")
+LISTEN_RE = re.compile(
+    r"^(?:(?P<host>[0-9.]+|\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):)?(?P<port>[0-9]{1,5})$")
 ENV_RE = re.compile(r"\$(?:\$|\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\})")
 
 
@@ -444,7 +445,8 @@ def validate(doc: Any, source: str, base_dir: Path | None = None,
                 cfg.apps.append(app)
     statics = doc.get("static")
     if "static" in doc and not isinstance(statics, Sequence):
-        c.error(doc.key_lines["static"], "static", f"expected a list of mounts, got {statics!r}")
+        c.error(doc.key_lines["static"], "static",
+                f"expected a list of mounts, got {statics!r}")
     elif statics:
         for i, entry in enumerate(statics):
             mount = _check_static(c, entry, i, statics.item_lines[i])
