@@ -253,3 +253,28 @@ def test_status_without_a_supervisor_says_so(tmp_path: Path, capsys, monkeypatch
     assert f"no state.json in {tmp_path / 'nowhere'}" in capsys.readouterr().err
     assert cli.main(["reload"]) == 1
     assert f"no supervisor running in {tmp_path / 'nowhere'}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("access_log", ["json", "text", "off"])
+def test_every_rendered_variant_passes_nginx_t(tmp_path: Path, access_log: str) -> None:
+    from hostsvc.proxy import Nginx, NginxError
+
+    (tmp_path / "public").mkdir()
+    path = write(tmp_path, f"""
+        listen: [127.0.0.1:8123, 8124]
+        access_log: {access_log}
+        apps:
+          - {{name: a, prefix: /, hosts: [a.example], root: a:Root, threads: 3}}
+          - {{name: b, prefix: /b/c, wsgi: b:app, client_max_body_size: 0}}
+        static:
+          - {{prefix: /files, path: public, expires: 7d}}
+    """)
+    cfg = load(path)
+    runtime = tmp_path / "run"
+    nginx = Nginx(str(runtime))
+    nginx.write_config(render(cfg, {"a": f"{runtime}/a.sock", "b": f"{runtime}/b.sock"},
+                              str(runtime)))          # raises NginxError if nginx -t fails
+    assert (runtime / "nginx.conf").read_text().count("server {") == 2
+    with pytest.raises(NginxError, match="nginx -t rejected"):
+        nginx.write_config("events {}\nhttp { bogus_directive on; }\n")
+    assert "bogus" not in (runtime / "nginx.conf").read_text()   # the good one stays
