@@ -45,6 +45,7 @@ BACKOFF_START, BACKOFF_MAX = 1.0, 30.0
 STABLE_AFTER = 30.0           # a pool up this long resets its crash counter
 CRASHLOOP_AFTER = 3           # consecutive failures before state says "crashloop"
 TICK = 0.25
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
 UNIX_PATH_MAX = 107           # sun_path is 108 bytes on Linux, with the final NUL
 
 
@@ -167,12 +168,16 @@ class Supervisor:
         for fd in (self.wakeup_r, self.wakeup_w):
             os.set_blocking(fd, False)
         signal.set_wakeup_fd(self.wakeup_w)
-        for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+        for sig in (signal.SIGHUP, *STOP_SIGNALS):
             signal.signal(sig, self._on_signal)
         signal.signal(signal.SIGCHLD, lambda *_: None)   # only wakes select()
 
     def _on_signal(self, sig: int, frame: Any) -> None:
         self.signals.append(sig)
+
+    def _stop_requested(self) -> bool:
+        """A stop signal is queued: long waits (starts, reloads) give way to it."""
+        return any(s in STOP_SIGNALS for s in self.signals)
 
     # -- start ----------------------------------------------------------------------------
     def start(self) -> bool:
@@ -223,7 +228,7 @@ class Supervisor:
         while any(st.state == "starting" for st in states):
             for st in states:
                 self._check_pool(st)
-            if any(s in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT) for s in self.signals):
+            if self._stop_requested():
                 return
             self._sleep(0.05)
 
@@ -233,7 +238,7 @@ class Supervisor:
             self._sleep(TICK)
             while self.signals:
                 sig = self.signals.pop(0)
-                if sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+                if sig in STOP_SIGNALS:
                     log.info("%s", _fmt("signal", signal=signal.Signals(sig).name))
                     return
                 if sig == signal.SIGHUP:
@@ -388,7 +393,7 @@ class Supervisor:
         for st in fresh.values():
             self._start_pool(st)
         self._wait_ready(list(fresh.values()))
-        if any(s in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT) for s in self.signals):
+        if self._stop_requested():
             self._retire([st.pool for st in fresh.values() if st.pool])
             return self._reload_done(False, "interrupted by a stop signal")
 
@@ -448,7 +453,8 @@ class Supervisor:
                 return False
             self._sleep(0.05)
         deadline = started + self.cfg.grace_period + 5
-        while time.monotonic() < deadline and set(children_of(self.nginx.pid)) & before:
+        while time.monotonic() < deadline and set(children_of(self.nginx.pid)) & before \
+                and not self._stop_requested():
             self._sleep(0.05)
         log.info("%s", _fmt("nginx_reloaded", "nginx", self.nginx.pid))
         return True
