@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -160,6 +161,29 @@ class Service:
         status, _, body = self.request(path)
         assert status == 200, (status, body)
         return json.loads(body)
+
+    def slow_request(self, seconds: float) -> Callable[[], tuple[int, dict[str, str], bytes]]:
+        """Start a GET to /echo/ that sleeps `seconds` in the app; return once the app has
+        it (echo touches a marker file) with a function that waits for the response."""
+        marker = self.workdir / f"slow-{time.monotonic_ns()}"
+        result: dict[str, Any] = {}
+
+        def send() -> None:
+            try:
+                result["response"] = self.request(f"/echo/?sleep={seconds}&touch={marker}")
+            except Exception as exc:  # noqa: BLE001 - reported by the waiter below
+                result["error"] = exc
+
+        thread = threading.Thread(target=send, daemon=True)
+        thread.start()
+        wait_for(marker.exists, what="the slow request to reach the app")
+
+        def response() -> tuple[int, dict[str, str], bytes]:
+            thread.join(60)
+            if "error" in result:
+                raise AssertionError(f"the slow request failed: {result['error']!r}")
+            return result["response"]
+        return response
 
     # -- stopping ------------------------------------------------------------------------------
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:

@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import socket
-import threading
 from pathlib import Path
 
 from harness import BASIC_CONFIG, survivors, wait_for
@@ -68,22 +67,13 @@ def test_crashed_pool_restarts_and_a_broken_app_answers_503(hostsvc, tmp_path: P
     assert svc.request("/flaky/")[0] == 200
 
 
-def test_sigterm_drains_in_flight_requests_and_exits_zero(hostsvc, tmp_path: Path) -> None:
+def test_sigterm_drains_in_flight_requests_and_exits_zero(hostsvc) -> None:
     svc = hostsvc(BASIC_CONFIG)
-    started = tmp_path / "request-started"
     pids = svc.remember_pids()
     assert len(pids) >= 6        # 2 arbiters + 3 workers + nginx master and workers
-    result: dict = {}
-
-    def slow() -> None:
-        result["response"] = svc.request(f"/echo/?sleep=1.5&touch={started}")
-
-    t = threading.Thread(target=slow)
-    t.start()
-    wait_for(started.exists, what="the slow request to reach the app")
+    response = svc.slow_request(1.5)
     assert svc.stop(signal.SIGTERM) == 0
-    t.join(30)
-    status, _, body = result["response"]
+    status, _, body = response()
     assert status == 200 and json.loads(body)["query"].startswith("sleep=1.5")
     assert not survivors(pids)
     assert "event=nginx_stopped" in svc.stderr() and "hostsvc: stopped" in svc.stderr()

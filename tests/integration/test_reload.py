@@ -231,22 +231,12 @@ def test_a_reload_nginx_cannot_apply_keeps_the_old_apps(hostsvc) -> None:
     assert f"unix:{before['echo']['socket']}" in (svc.runtime_dir / "nginx.conf").read_text()
 
 
-def test_a_request_in_flight_during_a_reload_completes_on_the_old_version(
-        hostsvc, tmp_path: Path) -> None:
+def test_a_request_in_flight_during_a_reload_completes_on_the_old_version(hostsvc) -> None:
     svc = hostsvc(CONFIG % ("hello", "legacy"))
-    started = tmp_path / "slow-started"
-    result: dict = {}
-
-    def slow() -> None:
-        result["response"] = svc.request(f"/echo/?sleep=2&touch={started}")
-
-    t = threading.Thread(target=slow)
-    t.start()
-    wait_for(started.exists, what="the slow request to reach the old echo")
+    response = svc.slow_request(2)
     svc.write_config(CONFIG % ("bonjour", "legacy"))
     os.kill(svc.proc.pid, signal.SIGHUP)
-    t.join(60)
-    status, _, body = result["response"]
+    status, _, body = response()
     assert status == 200 and json.loads(body)["greeting"] == "hello"
     wait_for(lambda: svc.state()["last_reload"], what="the reload result")
     assert svc.get_json("/echo/")["greeting"] == "bonjour"
