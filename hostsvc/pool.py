@@ -78,7 +78,9 @@ def build_app(app: AppConfig) -> Callable[..., Any]:
     """The WSGI callable for `app`: an object tree wrapped in hostsvc.web, or the callable.
 
     Object trees get `tools.proxy.on: True` at "/" unless the config says otherwise, so
-    `web.request.remote.ip` and `web.url()` describe the client behind nginx.
+    `web.request.remote.ip` and `web.url()` describe the client behind nginx. `root:` may
+    also name a ready `web.Application` (an app that ships its own per-path config, such
+    as a MethodDispatcher section): the YAML `config:` is merged over its own.
     """
     from .loader import LoadError, import_string
 
@@ -86,10 +88,18 @@ def build_app(app: AppConfig) -> Callable[..., Any]:
     if app.kind == "root":
         from hostsvc import web
 
-        root = target() if isinstance(target, type) else target
         config = {path: dict(section) for path, section in app.config.items()}
-        config.setdefault("/", {}).setdefault("tools.proxy.on", True)
-        wsgi = web.Application(root, "" if app.prefix == "/" else app.prefix, config)
+        script_name = "" if app.prefix == "/" else app.prefix
+        if isinstance(target, web.Application):
+            if "tools.proxy.on" not in target.config.get("/", {}):
+                config.setdefault("/", {}).setdefault("tools.proxy.on", True)
+            target.script_name = script_name
+            target.merge(config)
+            wsgi = target
+        else:
+            config.setdefault("/", {}).setdefault("tools.proxy.on", True)
+            root = target() if isinstance(target, type) else target
+            wsgi = web.Application(root, script_name, config)
     else:
         wsgi = target
         if not callable(wsgi):
