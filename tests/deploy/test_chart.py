@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from conftest import REPO
+REPO = Path(__file__).resolve().parents[2]
 
 CHART = REPO / "helm" / "hostsvc"
 ALL_ON = CHART / "ci" / "all-on-values.yaml"

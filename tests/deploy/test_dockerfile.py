@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from conftest import REPO
+REPO = Path(__file__).resolve().parents[2]
 
 DOCKERFILE = REPO / "Dockerfile"
 
@@ -102,7 +102,7 @@ def test_runtime_contract() -> None:
     for setting in ("HOSTSVC_CONFIG=/etc/hostsvc/hostsvc.yaml", "HOSTSVC_RUNTIME_DIR=/run/hostsvc",
                     "HOSTSVC_LISTEN=0.0.0.0:8080", "HOSTSVC_METRICS_PORT=9090", "PYTHONPATH=/srv/apps"):
         assert setting in env
-    assert "chown 10001:10001 /run/hostsvc" in " ".join(by["RUN"])
+    assert "chown 10001:10001 /run/hostsvc /var/lib/hostsvc" in " ".join(by["RUN"])
 
 
 def test_lock_pins_every_dependency_exactly() -> None:
