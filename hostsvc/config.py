@@ -21,6 +21,9 @@ import yaml
 
 DEFAULT_LISTEN = "127.0.0.1:8080"
 DEFAULT_RUNTIME_DIR = "run"
+DEFAULT_METRICS_LISTEN = "127.0.0.1:9090"
+METRICS_LISTEN_ENV = "HOSTSVC_METRICS_LISTEN"     # the default of metrics.listen, if set
+DEFAULT_METRICS_ALLOW = ["127.0.0.1", "::1"]
 ACCESS_LOG_FORMATS = ("json", "text", "off")
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 SPEC_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
@@ -28,6 +31,7 @@ SIZE_RE = re.compile(r"^[0-9]+[kKmMgG]?$")
 HOST_RE = re.compile(r"^(\*\.)?[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$")
 LISTEN_RE = re.compile(
     r"^(?:(?P<host>[0-9.]+|\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):)?(?P<port>[0-9]{1,5})$")
+ALLOW_RE = re.compile(r"^(all|[0-9.]+(/[0-9]{1,2})?|[0-9a-fA-F:]*:[0-9a-fA-F:.]*(/[0-9]{1,3})?)$")
 ENV_RE = re.compile(r"\$(?:\$|\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\})")
 
 
@@ -59,6 +63,7 @@ class AppConfig:
     env: dict[str, str] = field(default_factory=dict)
     python_path: list[str] = field(default_factory=list)   # absolute, resolved
     client_max_body_size: str = "1m"
+    metrics: bool = True           # request metrics (instrument()) in this app's workers
     line: int = 0                  # line of the app entry, for messages
     target_line: int = 0           # line of root:/wsgi:, for import errors
     index: int = 0
@@ -83,6 +88,21 @@ class StaticMount:
 
 
 @dataclass
+class MetricsConfig:
+    """The `metrics:` section: the supervisor's metrics listener and what it counts."""
+
+    listen: str | None = DEFAULT_METRICS_LISTEN   # None: metrics off entirely
+    requests: bool = True          # default of every app's request metrics
+    expose_on_main: bool = False   # also /metrics, /healthz, /readyz on `listen:`
+    allow: list[str] = field(default_factory=lambda: list(DEFAULT_METRICS_ALLOW))
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the metrics server (and the multiprocess directory) runs at all."""
+        return self.listen is not None
+
+
+@dataclass
 class Config:
     """The whole validated file."""
 
@@ -95,6 +115,7 @@ class Config:
     nginx_workers: int | str = "auto"
     apps: list[AppConfig] = field(default_factory=list)
     static: list[StaticMount] = field(default_factory=list)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     def app(self, name: str) -> AppConfig | None:
         """The app called `name`, or None."""
@@ -294,14 +315,69 @@ def _host(v: Any) -> str | None:
 
 APP_KEYS = {"name", "prefix", "hosts", "root", "wsgi", "config", "workers", "threads",
             "timeout", "graceful_timeout", "keepalive", "max_requests",
-            "max_requests_jitter", "env", "python_path", "client_max_body_size"}
+            "max_requests_jitter", "env", "python_path", "client_max_body_size", "metrics"}
 TOP_KEYS = {"listen", "runtime_dir", "access_log", "client_max_body_size", "grace_period",
-            "nginx_workers", "python_path", "apps", "static"}
+            "nginx_workers", "python_path", "apps", "static", "metrics"}
+METRICS_KEYS = {"listen", "requests", "expose_on_main", "allow"}
 STATIC_KEYS = {"prefix", "path", "hosts", "expires"}
 
 
+def _bool(v: Any) -> bool | None:
+    return v if isinstance(v, bool) else None
+
+
+def _allow(v: Any) -> str | None:
+    return v if isinstance(v, str) and ALLOW_RE.match(v) else None
+
+
+def _check_metrics(c: _Checker, doc: Mapping, environ: dict[str, str] | None
+                   ) -> MetricsConfig:
+    """The `metrics:` section (absent: the defaults; `metrics: off`: no metrics)."""
+    env = os.environ if environ is None else environ
+    default_listen = env.get(METRICS_LISTEN_ENV) or DEFAULT_METRICS_LISTEN
+    if default_listen in ("off", "false"):
+        default_listen = None
+    elif _listen(default_listen) is None:
+        c.error(doc.key_lines.get("metrics", 0), "metrics.listen",
+                f"${METRICS_LISTEN_ENV}: expected host:port or off, got {default_listen!r}")
+        default_listen = DEFAULT_METRICS_LISTEN
+    section = doc.get("metrics")
+    if "metrics" not in doc or section is None:
+        return MetricsConfig(listen=default_listen)
+    if section is False or section == "off":
+        return MetricsConfig(listen=None)
+    if not isinstance(section, Mapping):
+        c.error(doc.key_lines["metrics"], "metrics", f"expected a mapping (listen:, requests:, "
+                f"expose_on_main:, allow:) or off, got {section!r}")
+        return MetricsConfig(listen=default_listen)
+    c.unknown_keys(section, METRICS_KEYS, "metrics.")
+    listen: str | None = default_listen
+    if "listen" in section:
+        raw = section["listen"]
+        if raw is False or raw in ("off", "false"):
+            listen = None
+        else:
+            listen = c.get(section, "listen", "metrics.", "host:port, a port, or off "
+                           "(e.g. 127.0.0.1:9090)", _listen, default_listen)
+            if listen is not None and ":" not in listen.replace("[", "").rsplit("]", 1)[-1]:
+                listen = f"127.0.0.1:{listen}"
+    metrics = MetricsConfig(
+        listen=listen,
+        requests=c.get(section, "requests", "metrics.", "true or false", _bool, True),
+        expose_on_main=c.get(section, "expose_on_main", "metrics.", "true or false", _bool,
+                             False),
+        allow=c.get(section, "allow", "metrics.", "a list of addresses or CIDRs "
+                    "(e.g. [127.0.0.1, 10.0.0.0/8]) or all", lambda v: _string_list(
+                        v, _allow), list(DEFAULT_METRICS_ALLOW)),
+    )
+    if listen is None and metrics.expose_on_main:
+        c.error(c.line_of(section, "expose_on_main"), "metrics.expose_on_main",
+                "needs the metrics listener (metrics.listen is off)")
+    return metrics
+
+
 def _check_app(c: _Checker, entry: Any, i: int, line: int, top_paths: list[str],
-               body_size: str) -> AppConfig | None:
+               body_size: str, request_metrics: bool = True) -> AppConfig | None:
     where = f"apps[{i}]."
     if not isinstance(entry, Mapping):
         c.error(line, f"apps[{i}]", f"expected a mapping with name/prefix and root or wsgi, "
@@ -366,6 +442,8 @@ def _check_app(c: _Checker, entry: Any, i: int, line: int, top_paths: list[str],
         python_path=[c.resolve_path(p) for p in paths] + top_paths,
         client_max_body_size=c.get(entry, "client_max_body_size", where,
                                    "a size like 1m, 512k or 0 (unlimited)", _size, body_size),
+        metrics=c.get(entry, "metrics", where, "true or false (request metrics for this app)",
+                      _bool, request_metrics),
         line=entry.line, target_line=c.line_of(entry, kind), index=i,
     )
     return app
@@ -398,7 +476,8 @@ def _check_static(c: _Checker, entry: Any, i: int, line: int) -> StaticMount | N
 
 
 def validate(doc: Any, source: str, base_dir: Path | None = None,
-             runtime_dir: str | None = None) -> Config:
+             runtime_dir: str | None = None, environ: dict[str, str] | None = None
+             ) -> Config:
     """Turn a parsed document into a Config, or raise ConfigError listing every problem.
 
     `base_dir` (default: the config file's directory) anchors relative paths in the file;
@@ -434,13 +513,15 @@ def validate(doc: Any, source: str, base_dir: Path | None = None,
                            _positive_number, 30),
         nginx_workers=c.get(doc, "nginx_workers", "", "a positive integer or 'auto'",
                             lambda v: v if v == "auto" else _positive_int(v), "auto"),
+        metrics=_check_metrics(c, doc, environ),
     )
     apps = doc.get("apps")
     if "apps" in doc and not isinstance(apps, Sequence):
         c.error(doc.key_lines["apps"], "apps", f"expected a list of apps, got {apps!r}")
     elif apps:
         for i, entry in enumerate(apps):
-            app = _check_app(c, entry, i, apps.item_lines[i], top_paths, body_size)
+            app = _check_app(c, entry, i, apps.item_lines[i], top_paths, body_size,
+                             cfg.metrics.requests and cfg.metrics.enabled)
             if app:
                 cfg.apps.append(app)
     statics = doc.get("static")
@@ -452,6 +533,9 @@ def validate(doc: Any, source: str, base_dir: Path | None = None,
             mount = _check_static(c, entry, i, statics.item_lines[i])
             if mount:
                 cfg.static.append(mount)
+    if not cfg.metrics.enabled:
+        for app in cfg.apps:        # nothing would read their numbers
+            app.metrics = False
     _check_unique(c, cfg)
     if c.errors:
         raise ConfigError(c.errors)
@@ -489,4 +573,5 @@ def load(path: str | os.PathLike[str], runtime_dir: str | None = None,
     except OSError as exc:
         raise ConfigError([f"{source}: cannot read config: {exc.strerror or exc}"]) from None
     text = expand_env(text, source, environ)
-    return validate(parse_yaml(text, source), source, runtime_dir=runtime_dir)
+    return validate(parse_yaml(text, source), source, runtime_dir=runtime_dir,
+                    environ=environ)

@@ -136,6 +136,9 @@ def _run_arbiter(spec: dict[str, Any]) -> None:
 
     app = AppConfig(**spec["app"])
     ready_fd: int = spec["ready_fd"]
+    # The supervisor's metrics: worker restart causes and dead-worker archiving (hooks),
+    # request metrics (instrument()) unless the config turned them off for this app.
+    metrics_on = bool(spec.get("metrics"))
     arbiter_pid = os.getpid()
 
     def post_fork(server: Any, worker: Any) -> None:
@@ -157,9 +160,20 @@ def _run_arbiter(spec: dict[str, Any]) -> None:
                 self.cfg.set(key, value)
             self.cfg.set("post_fork", post_fork)
             self.cfg.set("post_worker_init", post_worker_init)
+            if metrics_on:
+                from .metrics import gunicorn_hooks
+
+                for key, value in gunicorn_hooks(app.name).items():
+                    self.cfg.set(key, value)
 
         def load(self) -> Callable[..., Any]:
-            return build_app(app)
+            wsgi = build_app(app)
+            if metrics_on and app.metrics:
+                from .metrics import instrument
+
+                # Outside PrefixMiddleware, so its 404s for paths outside the prefix count.
+                wsgi = instrument(app.name, wsgi)
+            return wsgi
 
     HostsvcApplication().run()
 
@@ -236,9 +250,10 @@ class Pool:
     restarted as a new Pool on the same path, which is safe because its arbiter is gone.
     """
 
-    def __init__(self, app: AppConfig, socket_path: str) -> None:
+    def __init__(self, app: AppConfig, socket_path: str, metrics: bool = False) -> None:
         self.app = app
         self.socket_path = socket_path
+        self.metrics = metrics        # the supervisor runs metrics (PROMETHEUS_MULTIPROC_DIR)
         self.proc: subprocess.Popen[bytes] | None = None
         self.ready_fd: int | None = None
         self.ready = False
@@ -255,7 +270,7 @@ class Pool:
         rfd, wfd = os.pipe()
         os.set_blocking(rfd, False)
         spec = {"app": asdict(self.app), "socket": self.socket_path, "ready_fd": wfd,
-                "supervisor_pid": os.getpid()}
+                "supervisor_pid": os.getpid(), "metrics": self.metrics}
         Path(self.socket_path).parent.mkdir(parents=True, exist_ok=True)
         try:
             cmd, env = _child("run", spec)

@@ -8,7 +8,10 @@ emit them longest first so the file reads that way), optionally per virtual host
 
 Each app is an `upstream app_NAME { server unix:SOCKET; }`; a blue/green replacement only
 changes the socket path and reloads nginx. A 502 from a pool that is not running
-(connection refused, no socket) is turned into a 503 for that prefix only.
+(connection refused, no socket) is turned into a 503 for that prefix only: with metrics
+on, nginx hands such a request (and a 504) to the supervisor's metrics server, which
+counts it under the app and answers the 503/504 page; with metrics off nginx answers the
+503 itself. With metrics on, a loopback-only server exposes stub_status for the scrape.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from .config import AppConfig, Config, StaticMount
+from .config import AppConfig, Config, MetricsConfig, StaticMount
 
 MIME_TYPES = "/etc/nginx/mime.types"
 TEMP_DIRS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
@@ -53,7 +56,18 @@ def _listen_directive(listen: str) -> str:
     return listen if ":" in listen or not listen.isdigit() else f"127.0.0.1:{listen}"
 
 
-def _app_locations(app: AppConfig) -> list[str]:
+def metrics_address(listen: str) -> str:
+    """host:port nginx (and local clients) use to reach the metrics listener `listen`:
+    a wildcard address is reached over loopback."""
+    host, _, port = listen.rpartition(":")
+    if host in ("", "0.0.0.0", "*"):
+        host = "127.0.0.1"
+    elif host in ("[::]", "::"):
+        host = "[::1]"
+    return f"{host}:{port}"
+
+
+def _app_locations(app: AppConfig, upstream_errors: bool = False) -> list[str]:
     upstream = f"app_{app.name}"
     keepalive = app.threads > 1
     body = [
@@ -71,6 +85,7 @@ def _app_locations(app: AppConfig) -> list[str]:
         f"proxy_read_timeout {int(app.timeout) + 5}s;",
         f"proxy_send_timeout {int(app.timeout) + 5}s;",
         f"client_max_body_size {app.client_max_body_size};",
+        "error_page 502 503 504 = @hostsvc_upstream_error;" if upstream_errors else
         "error_page 502 =503 @hostsvc_unavailable;",
     ]
     return _mount(app.prefix, body)
@@ -94,13 +109,41 @@ def _mount(prefix: str, body: list[str]) -> list[str]:
             f"location {prefix}/ {{{inner}\n        }}"]
 
 
+def _metrics_locations(metrics: MetricsConfig) -> list[str]:
+    """With metrics on: the named location nginx's own upstream errors go to and, if
+    expose_on_main, /metrics, /healthz and /readyz proxied to the metrics listener."""
+    if not metrics.enabled:
+        return []
+    assert metrics.listen is not None
+    address = metrics_address(metrics.listen)
+    # $upstream_status, not $status: $status is 000 in a named location. One server per
+    # upstream, so it holds one code. The method (and body) of the request is passed on.
+    # If the metrics server cannot be reached, nginx still answers the plain 503.
+    lines = ["location @hostsvc_upstream_error {\n"
+             "            recursive_error_pages on;\n"
+             "            error_page 502 504 =503 @hostsvc_unavailable;\n"
+             f"            proxy_pass http://{address}/_hostsvc/upstream-error/"
+             "$hostsvc_app/$upstream_status;\n"
+             "        }"]
+    if metrics.expose_on_main:
+        rules = "".join(f"\n            allow {a};" for a in metrics.allow) + \
+            "\n            deny all;"
+        for path in ("/metrics", "/healthz", "/readyz"):
+            lines.append(f"location = {path} {{\n            set $hostsvc_app metrics;{rules}"
+                         f"\n            proxy_pass http://{address};\n"
+                         "        }")
+    return lines
+
+
 def _server(listens: list[str], names: str, default: bool, apps: list[AppConfig],
-            statics: list[StaticMount]) -> str:
+            statics: list[StaticMount], metrics: MetricsConfig | None = None) -> str:
+    metrics = metrics or MetricsConfig(listen=None)
     flag = " default_server" if default else ""
     lines = [f"listen {_listen_directive(ls)}{flag};" for ls in listens]
     lines.append(f"server_name {names};")
     lines.append("set $hostsvc_app -;")
-    mounts: list[tuple[str, list[str]]] = [(a.prefix, _app_locations(a)) for a in apps]
+    mounts: list[tuple[str, list[str]]] = [(a.prefix, _app_locations(a, metrics.enabled))
+                                           for a in apps]
     mounts += [(s.prefix, _static_locations(s)) for s in statics]
     mounts.sort(key=lambda m: (-len(m[0]), m[0]))
     for _, locations in mounts:
@@ -112,12 +155,25 @@ def _server(listens: list[str], names: str, default: bool, apps: list[AppConfig]
                  "            add_header Retry-After 5 always;\n"
                  '            return 503 "503 Service Unavailable: this app is not running\\n";\n'
                  "        }")
+    lines.extend(_metrics_locations(metrics))
     body = "".join(f"\n        {line}" for line in lines)
     return f"    server {{{body}\n    }}\n"
 
 
-def render(cfg: Config, sockets: dict[str, str], runtime_dir: str) -> str:
-    """nginx.conf text for `cfg`, with app NAME's upstream at `sockets[NAME]`."""
+def _status_server(port: int) -> str:
+    """stub_status on a loopback-only server of its own (read by the metrics scrape)."""
+    return ("    server {\n"
+            f"        listen 127.0.0.1:{port};\n"
+            "        server_name _;\n        set $hostsvc_app -;\n        access_log off;\n"
+            "        location = /nginx_status {\n            stub_status;\n"
+            "            allow 127.0.0.1;\n            deny all;\n        }\n"
+            "        location / {\n            return 404;\n        }\n    }\n")
+
+
+def render(cfg: Config, sockets: dict[str, str], runtime_dir: str,
+           status_port: int | None = None) -> str:
+    """nginx.conf text for `cfg`, with app NAME's upstream at `sockets[NAME]`; with
+    `status_port`, a loopback server for stub_status on it."""
     rd = runtime_dir.rstrip("/")
     temp = "".join(f"    {kind}_temp_path {rd}/nginx/{kind};\n" for kind in TEMP_DIRS)
     mime = f"    include {MIME_TYPES};\n" if os.path.exists(MIME_TYPES) else \
@@ -136,18 +192,20 @@ def render(cfg: Config, sockets: dict[str, str], runtime_dir: str) -> str:
                       f"fail_timeout=0;{keepalive}\n    }}\n")
     hosts = sorted({h for m in [*cfg.apps, *cfg.static] for h in m.hosts})
     if not hosts:
-        servers = _server(cfg.listen, "_", True, cfg.apps, cfg.static)
+        servers = _server(cfg.listen, "_", True, cfg.apps, cfg.static, cfg.metrics)
     else:
         # Apps that declare hosts answer only there; the rest answer on every declared
         # host; any other Host gets its connection closed (444).
         servers = "".join(
             _server(cfg.listen, host, False,
                     [a for a in cfg.apps if not a.hosts or host in a.hosts],
-                    [s for s in cfg.static if not s.hosts or host in s.hosts])
+                    [s for s in cfg.static if not s.hosts or host in s.hosts], cfg.metrics)
             for host in hosts)
         servers += "    server {\n" + "".join(
             f"        listen {_listen_directive(ls)} default_server;\n" for ls in cfg.listen
         ) + "        server_name _;\n        set $hostsvc_app -;\n        return 444;\n    }\n"
+    if status_port:
+        servers += _status_server(status_port)
     workers = cfg.nginx_workers
     return (
         "# Generated by hostsvc from " + cfg.path + "; edits are overwritten.\n"

@@ -2,7 +2,8 @@
 
 Read it top to bottom like gunicorn's arbiter.py:
 
-    run()            set up the runtime dir, start pools, start nginx, loop, stop
+    run()            set up the runtime dir and metrics server, start pools, start nginx,
+                     loop, stop
     _loop()          wait for a signal or a tick; HUP reloads, TERM/INT stop;
                      each tick: pools that became ready or died, restarts due, nginx,
                      the watched config file, state.json
@@ -17,7 +18,10 @@ Everything runs on the main thread: children get PR_SET_PDEATHSIG, which fires w
 *thread* that forked them exits, and signal handlers only queue.
 
 The local interface for other tools is RUNTIME/state.json (schema in docs/config.md),
-rewritten atomically whenever something changes, and RUNTIME/hostsvc.pid.
+rewritten atomically whenever something changes, and RUNTIME/hostsvc.pid. With metrics on
+(docs/metrics.md), a MetricsServer thread serves /metrics, /healthz, /readyz and nginx's
+upstream errors from a snapshot of that document, which the main thread replaces each
+tick (the server threads never touch the live Pool objects).
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ import logging
 import os
 import select
 import signal
+import socket
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -35,7 +40,7 @@ from typing import Any
 from . import config as configmod
 from .config import AppConfig, Config, ConfigError
 from .pool import Pool, check_apps, children_of, set_parent_death_signal
-from .proxy import Nginx, NginxError, render
+from .proxy import Nginx, NginxError, metrics_address, render
 
 log = logging.getLogger("hostsvc")
 
@@ -97,6 +102,9 @@ class Supervisor:
         self._last_state = ""
         self._next_scan = 0.0
         self._generations: dict[str, int] = {}
+        self.metrics_server: Any = None      # hostsvc.metrics.MetricsServer when enabled
+        self.status_port: int | None = None  # nginx's loopback stub_status server
+        self._state_snapshot: dict[str, Any] = {"started_at": self.started_at, "apps": {}}
 
     # -- run ------------------------------------------------------------------------------
     def run(self) -> int:
@@ -109,8 +117,10 @@ class Supervisor:
         self.runtime_dir = self.cfg.runtime_dir
         if not self._claim_runtime_dir():
             return 1
-        self._install_signals()
         try:
+            if not self._start_metrics():
+                return 1
+            self._install_signals()
             if not self.start():
                 self.stop()
                 return 1
@@ -118,7 +128,49 @@ class Supervisor:
             self.stop()
             return 0
         finally:
+            self._stop_metrics()
             self._release_runtime_dir()
+
+    def _start_metrics(self) -> bool:
+        """Metrics on: empty RUNTIME/metrics for the pools' multiprocess files and serve
+        /healthz, /readyz and /metrics from now on (probes answer during start-up)."""
+        assert self.cfg is not None
+        if not self.cfg.metrics.enabled:
+            os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)   # no pool writes files
+            return True
+        from .metrics import MetricsServer, prepare_multiproc_dir
+
+        prepare_multiproc_dir(os.path.join(self.runtime_dir, "metrics"))
+        self.status_port = _free_loopback_port()
+        self._state_snapshot = self._initial_snapshot()
+        listen = self.cfg.metrics.listen
+        assert listen is not None
+        server = MetricsServer(lambda: self._state_snapshot, listen=listen,
+                               nginx_status_url=f"http://127.0.0.1:{self.status_port}"
+                                                "/nginx_status")
+        try:
+            server.start()
+        except OSError as exc:
+            log.error("metrics listener %s: %s (set metrics.listen, or metrics: off)",
+                      listen, exc.strerror or exc)
+            return False
+        self.metrics_server = server
+        log.info("metrics on http://%s/metrics (also /healthz, /readyz)",
+                 metrics_address(listen))
+        return True
+
+    def _stop_metrics(self) -> None:
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
+            self.metrics_server = None
+
+    def _initial_snapshot(self) -> dict[str, Any]:
+        """Before the first state(): every configured app, starting."""
+        assert self.cfg is not None
+        return {"started_at": self.started_at, "reloads": dict(self.reloads),
+                "apps": {a.name: {"prefix": a.prefix, "state": "starting", "pid": None,
+                                  "workers": a.workers, "worker_pids": [], "restarts": 0}
+                         for a in self.cfg.apps}}
 
     def _load_config(self) -> Config:
         """Load, validate and import-check the config file; log every error and raise."""
@@ -215,7 +267,8 @@ class Supervisor:
         return os.path.join(self.runtime_dir, "sockets", f"{name}.{gen}.sock")
 
     def _start_pool(self, st: AppState) -> None:
-        st.pool = Pool(st.app, st.socket_path)
+        assert self.cfg is not None
+        st.pool = Pool(st.app, st.socket_path, metrics=self.cfg.metrics.enabled)
         st.pool.start()
         st.state = "starting"
         st.generation = self._generations.get(st.app.name, 1)
@@ -228,6 +281,7 @@ class Supervisor:
         while any(st.state == "starting" for st in states):
             for st in states:
                 self._check_pool(st)
+            self._state_snapshot = self.state()
             if self._stop_requested():
                 return
             self._sleep(0.05)
@@ -413,6 +467,12 @@ class Supervisor:
             self._retire([fresh[name].pool])
         old_apps, old_cfg = self.apps, self.cfg
         self.apps, self.cfg = apps, new
+        if new.metrics.listen != old_cfg.metrics.listen:
+            log.warning("metrics.listen changes take effect on restart; keeping %s",
+                        old_cfg.metrics.listen or "off")
+            self.cfg = new = replace(new, metrics=replace(
+                new.metrics, listen=old_cfg.metrics.listen))
+        self._state_snapshot = self.state()   # added apps are known to the metrics server
 
         # 3. point nginx at them: test the config, reload, wait for old workers to drain
         try:
@@ -487,7 +547,7 @@ class Supervisor:
         assert self.cfg is not None
         effective = replace(self.cfg, apps=[st.app for st in self.apps.values()])
         return render(effective, {n: st.socket_path for n, st in self.apps.items()},
-                      self.runtime_dir)
+                      self.runtime_dir, self.status_port)
 
     # -- stop -----------------------------------------------------------------------------
     def stop(self) -> None:
@@ -567,6 +627,7 @@ class Supervisor:
                 self.nginx_workers = children_of(self.nginx.pid)
             self._reap_orphans()
         doc = self.state()
+        self._state_snapshot = doc      # what the metrics server's threads read
         text = json.dumps(doc, indent=2, sort_keys=True)
         if text == self._last_state and not force:
             return
@@ -580,6 +641,13 @@ def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def _free_loopback_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for nginx's stub_status server)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _pid_alive(pid: int) -> bool:

@@ -96,6 +96,9 @@ class Service:
                  config_name: str = "hostsvc.yaml", port: int | None = None) -> None:
         self.workdir = workdir
         self.port = port or free_port()
+        # The metrics listener's default ($HOSTSVC_METRICS_LISTEN): a free port per
+        # service, so tests (and anyone else's run) never share 9090.
+        self.metrics_port = free_port()
         self.runtime_dir = workdir / "run"
         self.config_path = workdir / config_name
         self.stdout_path = workdir / "stdout.log"
@@ -104,14 +107,15 @@ class Service:
             self.write_config(config_text)
         cmd = [sys.executable, "-m", "hostsvc", "run", str(self.config_path),
                "--runtime-dir", str(self.runtime_dir)] + (["--watch"] if watch else [])
+        env = dict(os.environ, HOSTSVC_METRICS_LISTEN=f"127.0.0.1:{self.metrics_port}")
         self.proc = subprocess.Popen(cmd, stdout=self.stdout_path.open("wb"),
                                      stderr=self.stderr_path.open("wb"),
-                                     stdin=subprocess.DEVNULL, cwd=workdir)
+                                     stdin=subprocess.DEVNULL, cwd=workdir, env=env)
         self.known_pids: dict[int, int] = {}
 
     def write_config(self, text: str, path: Path | None = None) -> None:
         """Write a config; `{port}` and `{apps}` are filled in."""
-        text = fill(text, self.port)
+        text = fill(text, self.port).replace("{metrics_port}", str(self.metrics_port))
         target = path or self.config_path
         tmp = target.with_name(target.name + ".tmp")
         tmp.write_text(text)
@@ -148,14 +152,20 @@ class Service:
 
     # -- requests ----------------------------------------------------------------------------
     def request(self, path: str, method: str = "GET", body: bytes | None = None,
-                headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+                headers: dict[str, str] | None = None, port: int | None = None
+                ) -> tuple[int, dict[str, str], bytes]:
+        conn = http.client.HTTPConnection("127.0.0.1", port or self.port, timeout=30)
         try:
             conn.request(method, path, body=body, headers=headers or {})
             resp = conn.getresponse()
             return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
         finally:
             conn.close()
+
+    def metrics_request(self, path: str, headers: dict[str, str] | None = None
+                        ) -> tuple[int, dict[str, str], bytes]:
+        """A request to the supervisor's metrics listener (/metrics, /healthz, /readyz)."""
+        return self.request(path, headers=headers, port=self.metrics_port)
 
     def get_json(self, path: str) -> dict[str, Any]:
         status, _, body = self.request(path)
