@@ -21,6 +21,7 @@ import shutil
 import signal
 import subprocess
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -172,8 +173,14 @@ def _status_server(port: int) -> str:
 
 def render(cfg: Config, sockets: dict[str, str], runtime_dir: str,
            status_port: int | None = None) -> str:
-    """nginx.conf text for `cfg`, with app NAME's upstream at `sockets[NAME]`; with
-    `status_port`, a loopback server for stub_status on it."""
+    """nginx.conf text for `cfg`, with app NAME's upstream at `sockets[NAME]`.
+
+    `status_port` says the supervisor's metrics server runs: nginx then gets a loopback
+    stub_status server on that port and sends upstream errors to the metrics server.
+    Without it (metrics off) nginx answers a down app's 503 itself.
+    """
+    if status_port is None and cfg.metrics.enabled:
+        cfg = replace(cfg, metrics=replace(cfg.metrics, listen=None))
     rd = runtime_dir.rstrip("/")
     temp = "".join(f"    {kind}_temp_path {rd}/nginx/{kind};\n" for kind in TEMP_DIRS)
     mime = f"    include {MIME_TYPES};\n" if os.path.exists(MIME_TYPES) else \
