@@ -29,6 +29,7 @@ commands:
   reload [CONFIG]   validate, then ask the running supervisor to reload its config
                     (blue/green: no request is dropped); prints the outcome
   status            print every app's prefix, pid, workers, restarts and state
+                    (and request counts, read from the metrics listener)
 
 examples:
   hostsvc run                                   serve config/hostsvc.yaml
@@ -212,12 +213,41 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(state, indent=2, sort_keys=True))
         return 0
     pid = _supervisor_pid(runtime_dir)
-    print(format_status(state, running=pid is not None))
+    url = (state.get("metrics") or {}).get("url")
+    counts = request_counts(url) if pid is not None and url else None
+    print(format_status(state, running=pid is not None, requests=counts))
     return 0 if pid is not None else 1
 
 
-def format_status(state: dict[str, Any], running: bool = True) -> str:
-    """The human-readable status table."""
+def request_counts(url: str, timeout: float = 2.0) -> dict[str, dict[str, float]] | None:
+    """{app: {"total": n, "5xx": n}} from the running metrics listener, None if it does
+    not answer (status then prints the table alone)."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            text = resp.read().decode("utf-8", "replace")
+        from prometheus_client.parser import text_string_to_metric_families
+        counts: dict[str, dict[str, float]] = {}
+        for family in text_string_to_metric_families(text):
+            if family.name not in ("hostsvc_http_requests", "hostsvc_http_requests_total"):
+                continue
+            for sample in family.samples:
+                if not sample.name.endswith("_total"):
+                    continue
+                app = counts.setdefault(sample.labels.get("app", "?"),
+                                        {"total": 0.0, "5xx": 0.0})
+                app["total"] += sample.value
+                if sample.labels.get("code_class") == "5xx":
+                    app["5xx"] += sample.value
+        return counts
+    except (OSError, ValueError):
+        return None
+
+
+def format_status(state: dict[str, Any], running: bool = True,
+                  requests: dict[str, dict[str, float]] | None = None) -> str:
+    """The human-readable status table (plus request counts, when given)."""
     nginx = state.get("nginx") or {}
     head = (f"supervisor pid {state.get('supervisor_pid')} "
             f"{'running' if running else 'NOT RUNNING (stale state)'}; "
@@ -236,6 +266,10 @@ def format_status(state: dict[str, Any], running: bool = True) -> str:
     tail = [f"last reload: {'ok' if last['ok'] else 'FAILED'} at "
             f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(last['at']))}: "
             f"{last['message']}"] if last else []
+    if requests is not None:
+        counted = ", ".join(f"{name} {int(c['total'])} ({int(c['5xx'])} 5xx)"
+                            for name, c in sorted(requests.items())) or "none yet"
+        tail.append(f"requests since start: {counted}")
     return "\n".join([head, *lines, *tail])
 
 

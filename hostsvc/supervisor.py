@@ -613,8 +613,15 @@ class Supervisor:
                       "state": "running" if self.nginx and self.nginx.alive() else "stopped"},
             "last_reload": self.last_reload,
             "reloads": dict(self.reloads),
+            "metrics": self._metrics_info(),
             "apps": apps,
         }
+
+    def _metrics_info(self) -> dict[str, Any]:
+        """Where the metrics listener is (state.json's `metrics`), nulls when off."""
+        listen = self.cfg.metrics.listen if self.cfg and self.metrics_server else None
+        return {"listen": listen,
+                "url": f"http://{metrics_address(listen)}/metrics" if listen else None}
 
     def write_state(self, force: bool = False) -> None:
         """Rewrite RUNTIME/state.json atomically if anything in it changed."""

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 from collections import Counter as Tally
 from typing import Any
 
@@ -127,6 +129,14 @@ def test_requests_queue_time_worker_crash_reloads_and_openmetrics(hostsvc) -> No
     assert value(found, "nginx_connections_active") >= 1
     assert value(found, "nginx_http_requests_total") >= len(plan)
     assert value(found, "hostsvc_config_reloads_total", result="success") == 0
+
+    # `hostsvc status` reads the counts from the listener state.json names
+    assert svc.state()["metrics"]["url"] == f"http://127.0.0.1:{svc.metrics_port}/metrics"
+    out = subprocess.run([sys.executable, "-m", "hostsvc", "status", "--runtime-dir",
+                          str(svc.runtime_dir)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[-1] == \
+        "requests since start: codes 7 (1 5xx), echo 7 (0 5xx), hello 3 (0 5xx)"
 
     # 2. OpenMetrics when the scraper asks for it
     status, headers, body = svc.metrics_request(
