@@ -98,7 +98,7 @@
     var m = data.metrics;
     windowNote.textContent = !m.ok ? "" : m.window_seconds > 0
       ? "Rates, 5xx share and latency percentiles over the last " + duration(m.window_seconds)
-        + " (up to " + duration(m.window_target_seconds) + "), from the histogram buckets of /metrics."
+        + " (window " + duration(m.window_target_seconds) + "), from the counters and histogram buckets of /metrics."
       : "Collecting a second sample for rates\u2026";
     updated.textContent = "Updated " + new Date(data.generated_at * 1000).toLocaleTimeString();
   }
