@@ -51,7 +51,6 @@ ENV PATH=/opt/hostsvc/bin:$PATH \
     HOSTSVC_RUNTIME_DIR=/run/hostsvc \
     HOSTSVC_LISTEN=0.0.0.0:8080 \
     HOSTSVC_METRICS_LISTEN=0.0.0.0:9090 \
-    HOSTSVC_METRICS_PORT=9090 \
     HOSTSVC_EXAMPLES=/usr/share/hostsvc/apps \
     HOSTSVC_DATA_DIR=/var/lib/hostsvc \
     HOSTSVC_WATCH=
@@ -64,7 +63,7 @@ WORKDIR /run/hostsvc
 USER 10001:10001
 EXPOSE 8080 9090
 
-# /healthz is served on the metrics port (HOSTSVC_METRICS_PORT); python's urllib, no curl.
+# /healthz is served on the metrics listener (HOSTSVC_METRICS_LISTEN); python's urllib, no curl.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
   CMD ["hostsvc-healthcheck"]
 

@@ -122,7 +122,8 @@ def test_ports_match_the_config(rendered: tuple[str, list[dict[str, Any]]]) -> N
     assert cfg["listen"] == f"0.0.0.0:{ports['http']}"
     assert cfg["runtime_dir"] == "/run/hostsvc"
     env = {e["name"]: e.get("value") for e in c["env"]}
-    assert env["HOSTSVC_METRICS_PORT"] == str(ports["metrics"]) == "9090"
+    assert env["HOSTSVC_METRICS_LISTEN"] == f"0.0.0.0:{ports['metrics']}" == "0.0.0.0:9090"
+    assert "listen" not in (cfg.get("metrics") or {}), "the listener comes from HOSTSVC_METRICS_LISTEN"
     svc = one(docs, "Service")
     assert {p["name"]: (p["port"], p["targetPort"]) for p in svc["spec"]["ports"]} == {
         "http": (8080, "http"), "metrics": (9090, "metrics")}
@@ -289,7 +290,8 @@ def test_helm_test_pod_checks_healthz_and_metrics_through_the_service(
      "at '/securityContext/allowPrivilegeEscalation': value must be false"),
     (["--set", "service.type=External"], "at '/service/type': value must be one of"),
     (["--set", "redis.url=localhost:6379"], "at '/redis/url'"),
-    (["--set-json", 'config.apps=[{"name":"x"}]'], "at '/config/apps/0'"),
+    (["--set-json", 'config.apps=[{"name":"x"}]'], "at '/config/apps/0': 'anyOf' failed"),
+    (["--set", "config.metrics.listen=off"], "at '/config/metrics': additional properties 'listen' not allowed"),
 ])
 def test_schema_rejects_bad_values_clearly(tools: Any, args: list[str], message: str) -> None:
     proc = helm(tools, "template", "web", str(CHART), *args, check=False)

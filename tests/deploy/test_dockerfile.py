@@ -100,7 +100,7 @@ def test_runtime_contract() -> None:
     assert "curl" not in DOCKERFILE.read_text().split("HEALTHCHECK", 1)[1]
     env = " ".join(by["ENV"])
     for setting in ("HOSTSVC_CONFIG=/etc/hostsvc/hostsvc.yaml", "HOSTSVC_RUNTIME_DIR=/run/hostsvc",
-                    "HOSTSVC_LISTEN=0.0.0.0:8080", "HOSTSVC_METRICS_PORT=9090", "PYTHONPATH=/srv/apps"):
+                    "HOSTSVC_LISTEN=0.0.0.0:8080", "HOSTSVC_METRICS_LISTEN=0.0.0.0:9090", "PYTHONPATH=/srv/apps"):
         assert setting in env
     assert "chown 10001:10001 /run/hostsvc /var/lib/hostsvc" in " ".join(by["RUN"])
 

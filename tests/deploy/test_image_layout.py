@@ -113,7 +113,6 @@ class Layout:
         env, argv, workdir = image_runtime()
         env = {k: self.translate(v) for k, v in env.items()}
         env["HOSTSVC_LISTEN"] = f"127.0.0.1:{self.port}"      # loopback only, a free port
-        env["HOSTSVC_METRICS_PORT"] = str(self.metrics_port)
         env["HOSTSVC_METRICS_LISTEN"] = f"127.0.0.1:{self.metrics_port}"
         return [self.translate(a) for a in argv], env, self.translate(workdir)
 
