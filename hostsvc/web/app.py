@@ -229,12 +229,18 @@ def _check_signature(handler: Callable[..., Any], vpath: list[str], params: dict
     404: the URL (path segments or query string) does not fit; 400: the form body does not.
     Returns quietly when the signature fits, so the TypeError came from inside the handler.
     """
+    args: list[Any] = list(vpath)
+    if inspect.ismethod(handler):
+        # The bound method's signature hides `self`, so a parameter named "self" would look
+        # acceptable; check the function with the instance as its first argument.
+        args.insert(0, handler.__self__)
+        handler = handler.__func__
     try:
         sig = inspect.signature(handler)
     except (TypeError, ValueError):
         return
     try:
-        sig.bind(*vpath, **params)
+        sig.bind(*args, **params)
         return
     except TypeError:
         pass
@@ -243,8 +249,14 @@ def _check_signature(handler: Callable[..., Any], vpath: list[str], params: dict
     var_pos = any(p.kind is p.VAR_POSITIONAL for p in accepted.values())
     positional = [p for p in accepted.values()
                   if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    if not var_pos and len(vpath) > len(positional):
+    if not var_pos and len(args) > len(positional):
         raise HTTPError(404, "Too many path segments for this resource.")
+    taken = {p.name for p in positional[:len(args)]}
+    missing = [p.name for p in accepted.values()
+               if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+               and p.name not in taken and p.name not in params]
+    if missing:  # CherryPy reports what is missing before what is extra
+        raise HTTPError(404, f"Missing parameters: {', '.join(missing)}")
     if not var_kw:
         unexpected = [k for k in params if k not in accepted or
                       accepted[k].kind in (accepted[k].POSITIONAL_ONLY, accepted[k].VAR_POSITIONAL)]
@@ -254,16 +266,10 @@ def _check_signature(handler: Callable[..., Any], vpath: list[str], params: dict
         if unexpected:
             raise HTTPError(404, "Unexpected query string parameters: "
                                  f"{', '.join(sorted(unexpected))}")
-    taken = {p.name for p in positional[:len(vpath)]}
     multiple = [k for k in params if k in taken]
     if multiple:
         code = 400 if any(k in body_params for k in multiple) else 404
         raise HTTPError(code, f"Multiple values for parameters: {', '.join(sorted(multiple))}")
-    missing = [p.name for p in accepted.values()
-               if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
-               and p.name not in taken and p.name not in params]
-    if missing:
-        raise HTTPError(404, f"Missing parameters: {', '.join(missing)}")
     raise HTTPError(404, "The request does not match this resource's parameters.")
 
 

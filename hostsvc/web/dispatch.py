@@ -234,10 +234,11 @@ class MethodDispatcher(Dispatcher):
             allow = self._allow[type(resource)] = ", ".join(sorted(avail))
         serving.response.headers["Allow"] = allow
         method = serving.request.method
-        func = getattr(resource, method, None) if method.isupper() else None
+        func = getattr(resource, method, None) \
+            if method.isupper() and not method.startswith("_") else None
         if func is None and method == "HEAD":
             func = getattr(resource, "GET", None)
-        if func is None:
+        if not callable(func):
             return Resolution(HTTPError(405), res.vpath, res.sources, res.is_index)
         conf = getattr(func, "_cp_config", None)
         sources = res.sources + [conf] if conf else res.sources

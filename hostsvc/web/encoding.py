@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import zlib
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 from .context import serving
 
@@ -53,8 +53,10 @@ def gzip(compress_level: int = 5, mime_types: Iterable[str] = ("text/html", "tex
     if not _accepts_gzip(req.headers.get("Accept-Encoding", "")):
         return
     body = resp.body
-    if isinstance(body, (bytes, str)) or body is None or hasattr(body, "read") \
-            or isinstance(body, (list, tuple)):
+    if hasattr(body, "read"):
+        # Files are compressed as they are sent, never read into memory first.
+        resp.body = _gzip_stream(_read_chunks(body), compress_level)
+    elif isinstance(body, (bytes, str)) or body is None or isinstance(body, (list, tuple)):
         data = resp.collapse_body()
         if len(data) < min_size:
             return
@@ -64,6 +66,17 @@ def gzip(compress_level: int = 5, mime_types: Iterable[str] = ("text/html", "tex
         resp.body = _gzip_stream(body, compress_level)
     headers.pop("Content-Length", None)
     headers["Content-Encoding"] = "gzip"
+
+
+def _read_chunks(fileobj: Any) -> Iterator[bytes]:
+    try:
+        while True:
+            chunk = fileobj.read(65536)
+            if not chunk:
+                return
+            yield chunk
+    finally:
+        fileobj.close()
 
 
 def _accepts_gzip(accept: str) -> bool:

@@ -73,8 +73,8 @@ def render_error_page(status: str, message: str, traceback: str | None = None) -
     if page is not None:
         try:
             if callable(page):
-                result = page(status=status, message=message, traceback=traceback or "",
-                              version=__version__)
+                # Escaped, as CherryPy passes them: messages often echo the request path.
+                result = page(**fields)
             else:
                 with open(os.fspath(page), encoding="utf-8") as fh:
                     result = fh.read() % fields
@@ -130,10 +130,14 @@ class HTTPRedirect(Exception):
         if isinstance(urls, (str, bytes)):
             urls = [urls]
         base = abs_url() if serving.request is not None else ""
-        self.urls = [urllib.parse.urljoin(base, u.decode() if isinstance(u, bytes) else u)
-                     for u in urls]
+        # Percent-encode what may not appear raw in a Location header (non-ASCII, spaces,
+        # control characters), leaving existing escapes and URL syntax alone.
+        self.urls = [urllib.parse.quote(
+            urllib.parse.urljoin(base, u.decode() if isinstance(u, bytes) else u),
+            safe="!#$%&'()*+,/:;=?@[]~") for u in urls]
         if status is None:
-            status = 303
+            req = serving.request
+            status = 303 if req is None or req.protocol >= (1, 1) else 302
         status = int(status)
         if not 300 <= status <= 399:
             raise ValueError(f"HTTPRedirect status must be 3xx, not {status}")

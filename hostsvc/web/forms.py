@@ -102,6 +102,6 @@ def parse_multipart(stream: BinaryIO, content_type: str, content_length: int,
                 add_param(fields, part.name, part.value)
     except multipart.ParserLimitReached:
         raise HTTPError(413, "The multipart body is larger than allowed.") from None
-    except (multipart.MultipartError, UnicodeDecodeError) as exc:
+    except (multipart.MultipartError, UnicodeDecodeError, LookupError) as exc:
         raise HTTPError(400, f"Malformed multipart body: {exc}") from None
     return fields, files

@@ -236,6 +236,8 @@ class Request:
             return json.loads(raw)
         except (ValueError, UnicodeDecodeError) as exc:
             raise HTTPError(400, f"Invalid JSON document: {exc}") from None
+        except RecursionError:
+            raise HTTPError(400, "Invalid JSON document: nested too deeply.") from None
 
     # -- body processing --------------------------------------------------------------
     def process_body(self) -> None:

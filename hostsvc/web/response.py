@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 from .lazy import lazy_property
 from http.cookies import SimpleCookie
 from types import GeneratorType
@@ -13,12 +14,33 @@ from .headers import HeaderMap
 DEFAULT_CONTENT_TYPE = "text/html;charset=utf-8"
 
 
+_BAD_HEADER_VALUE = re.compile(r"[^\t\x20-\x7e\x80-\xff]")
+
+
 def _encode_chunks(chunks: Iterable[Any], encoding: str) -> Iterator[bytes]:
     for chunk in chunks:
         if isinstance(chunk, str):
             yield chunk.encode(encoding)
-        elif chunk:
-            yield bytes(chunk)
+        elif isinstance(chunk, (bytes, bytearray, memoryview)):
+            if chunk:
+                yield bytes(chunk)
+        else:
+            # bytes(5) would be five NUL bytes: refuse anything that is not text or bytes.
+            raise TypeError(f"a response body chunk must be str or bytes, not "
+                            f"{type(chunk).__name__}")
+
+
+def _check_header(name: str, value: Any) -> str:
+    """Header values as WSGI wants them: str of latin-1 without CR, LF or other controls.
+
+    A bad value is the application's bug; raising here turns it into the app's own 500
+    page (and a logged reason) instead of the server's, and can never split a header.
+    """
+    value = value if isinstance(value, str) else str(value)
+    if not (value.isascii() and value.isprintable()) and _BAD_HEADER_VALUE.search(value):
+        raise ValueError(f"response header {name!r} has a character that cannot be sent: "
+                         f"{value!r}")
+    return value
 
 
 class Response:
@@ -82,11 +104,13 @@ class Response:
             data = b"".join(_encode_chunks(body, encoding))
             out = (data,)
             headers["Content-Length"] = str(len(data))
+        elif isinstance(body, GeneratorType):
+            # Generators stream: no Content-Length, nothing buffered.
+            out = _GeneratorBody(body, encoding)
         else:
-            # Generators and other iterables stream: no Content-Length, nothing buffered.
-            out = _encode_chunks(body, encoding) if not isinstance(body, GeneratorType) \
-                else _GeneratorBody(body, encoding)
-        header_list = list(headers.items())
+            # Other iterables stream too; iter() now so a non-iterable is an error here.
+            out = _encode_chunks(iter(body), encoding)
+        header_list = [(k, _check_header(k, v)) for k, v in headers.items()]
         if "cookie" in self.__dict__:
             for morsel in self.cookie.values():
                 header_list.append(("Set-Cookie", morsel.OutputString()))

@@ -456,6 +456,7 @@ class Session(MutableMapping):
         self._expire_cookie = False
         self._lock: Any = None
         self._lock_id: str | None = None
+        self._finished = False
 
     # -- loading ---------------------------------------------------------------------
     @property
@@ -476,6 +477,12 @@ class Session(MutableMapping):
 
     def load(self) -> None:
         """Read the session now (normally done on first use)."""
+        if self._finished:
+            # The response (and its cookie) is already built: a streaming generator that
+            # reaches for the session now could neither save it nor release its lock.
+            raise RuntimeError("web.session was first used after the response was built "
+                               "(inside a streamed body?): read it in the handler before "
+                               "returning the generator")
         token = self._usable_token()
         record = None
         if token is not None:
@@ -588,6 +595,7 @@ class Session(MutableMapping):
     def finish(self, settings: "CookieSettings") -> None:
         """Persist changes (or refresh the expiry) and set or expire the cookie; the
         sessions tool calls this at before_finalize."""
+        self._finished = True
         store = self.store
         for sid in self._stale:
             store.delete(sid)
@@ -743,5 +751,7 @@ class SessionTool(Tool):
                      name=cookie.name)
         hooks.attach("before_finalize", _finish, priority, cookie=cookie)
         hooks.attach("on_end_resource", _release, priority)
+        # Backstop: a lock taken while a streamed body was sent is released at its end.
+        hooks.attach("on_end_request", _release, priority)
         if type(store).after_request is not Store.after_request:
             hooks.attach("on_end_request", store.after_request, priority)

@@ -158,7 +158,7 @@ def _open_regular(path: str) -> tuple[BinaryIO, os.stat_result] | None:
     metadata we send describes the bytes we send even if the file is being replaced."""
     try:
         fh = open(path, "rb")
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError):
+    except OSError:  # missing, a directory, no permission, a name too long, ...
         return None
     st = os.fstat(fh.fileno())
     if not stat.S_ISREG(st.st_mode):
@@ -244,6 +244,7 @@ def _parse_ranges(header: str, size: int) -> list[tuple[int, int]] | None:
     if not sep or unit.strip().lower() != "bytes":
         return None
     ranges = []
+    parsed_any = False  # "bytes=" with no range at all is malformed: ignore it
     for part in spec.split(","):
         if not part.strip():
             continue
@@ -255,13 +256,15 @@ def _parse_ranges(header: str, size: int) -> list[tuple[int, int]] | None:
             suffix = int(last)
             if suffix and size:
                 ranges.append((max(0, size - suffix), size))
+            parsed_any = True
             continue
         start = int(first)
         if last and int(last) < start:
             return None
         if start < size:
             ranges.append((start, min(int(last) + 1, size) if last else size))
-    return ranges
+        parsed_any = True
+    return ranges if parsed_any else None
 
 
 def _content_disposition(disposition: str, name: str) -> str:

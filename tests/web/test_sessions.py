@@ -677,3 +677,34 @@ def test_two_gunicorn_processes_share_locked_sessions(server_backend: dict[str, 
         assert len({pid for _, _, pid in answers}) == 2
         assert sorted(int(body) for body, _, _ in answers) == list(range(2, 42))
         assert http_incr(port_b, cookie)[0] == "42"
+
+
+def test_session_first_used_inside_a_streamed_body_fails_loudly_and_keeps_no_lock(
+        tmp_path: Path) -> None:
+    """Review finding: a generator touching the session after the response was built used
+    to take a lock nobody released (every later request of the session got a 503)."""
+
+    class Streamer:
+        @web.expose
+        def set(self) -> str:
+            web.session["v"] = 1
+            return "set"
+
+        @web.expose
+        def stream(self) -> Any:
+            def gen() -> Any:
+                yield "a"
+                yield str(web.session.get("v"))
+            return gen()
+
+        @web.expose
+        def get(self) -> str:
+            return str(web.session.get("v"))
+
+    conf = {"tools.sessions.on": True, "tools.sessions.storage_type": "file",
+            "tools.sessions.storage_path": str(tmp_path), "tools.sessions.lock_timeout": 2}
+    c = Client(web.Application(Streamer(), "", {"/": conf}))
+    assert c.get("/set").text == "set"
+    with pytest.raises(RuntimeError, match="after the response was built"):
+        c.get("/stream")
+    assert c.get("/get").text == "1"  # not a 503: no lock was left behind
