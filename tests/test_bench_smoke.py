@@ -36,3 +36,23 @@ def test_quick_benchmark_prints_every_row_and_ratio() -> None:
     for key in ("b ", "c ", "d ", "e ", "c'", "e'"):
         assert re.search(rf"^us/call  {key} .*framework cost\s+-?[\d.]+ us/request$", out,
                          re.M), f"missing framework cost of row {key}:\n{out}"
+
+
+FULL_ROW = re.compile(r"^([ABC])  .*?\s([\d.]+) req/s  p50\s+[\d.]+ ms  p99\s+[\d.]+ ms  errors (\d+)$",
+                      re.M)
+
+
+def test_quick_fullstack_benchmark_prints_rows_ratios_startup_and_memory() -> None:
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "fullstack.py"), "--quick"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=240)
+    out = proc.stdout
+    assert proc.returncode == 0, out + proc.stderr
+    rows = FULL_ROW.findall(out)
+    assert sorted(key for key, _, _ in rows) == ["A", "B", "C"], out
+    for key, rps, errors in rows:
+        assert float(rps) > 0 and int(errors) == 0, f"row {key}:\n{out}"
+    assert re.search(r"^ratio B/A .*\d+\.\d+x .*(PASS|MISS)$", out, re.M), out
+    assert re.search(r"^metrics cost 1 - B/C .*%.*(PASS|MISS)$", out, re.M), out
+    assert re.search(r"^startup .* 10 apps .*\d+\.\d+ s .*(PASS|MISS)$", out, re.M), out
+    for what in ("supervisor", "one idle pool", "nginx master"):
+        assert re.search(rf"^memory +{what}.*RSS +[\d.]+ MiB +PSS +[\d.]+ MiB$", out, re.M), out
