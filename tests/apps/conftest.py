@@ -41,6 +41,7 @@ def stack(tmp_path_factory):
         svc = Service(workdir, None, config_name=str(CONFIG), port=port)
     svc.metrics_port = metrics_port
     svc.data_dir = workdir / "data"
+    _running.append(svc)
     try:
         svc.wait_ready()
         wait_for(lambda: all(a["state"] == "running" and a["workers_alive"] == a["workers"]
@@ -48,6 +49,16 @@ def stack(tmp_path_factory):
                  what="every app of the default config to run all its workers")
         yield svc
     finally:
+        shut_down()
+
+
+_running: list = []
+
+
+def shut_down() -> None:
+    """Stop the stack; every process it ran must exit (idempotent)."""
+    while _running:
+        svc = _running.pop()
         svc.stop()
         try:
             wait_for(lambda: not survivors(svc.known_pids), timeout=30,
@@ -55,3 +66,10 @@ def stack(tmp_path_factory):
         finally:
             for pid in survivors(svc.known_pids):   # only after a failure: leave nothing
                 os.kill(pid, signal.SIGKILL)
+
+
+def pytest_runtest_teardown(item, nextitem):
+    """The stack is session-scoped (test_stack and the browser test share one start), but
+    stops after the last test of tests/apps instead of idling through the rest of a run."""
+    if nextitem is None or Path(str(nextitem.path)).parent != Path(__file__).parent:
+        shut_down()
