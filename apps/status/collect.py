@@ -26,6 +26,7 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 DEFAULT_METRICS = "127.0.0.1:9090"
+MIN_SCRAPE_INTERVAL = 1.0      # seconds: status requests closer together share a scrape
 
 
 def runtime_dir() -> str:
@@ -161,6 +162,14 @@ class Window:
             while len(self.samples) > 2 and self.samples[1][0] <= now - self.seconds:
                 self.samples.popleft()
 
+    def recent(self, now: float, max_age: float) -> dict[str, AppSample] | None:
+        """The newest sample if it is younger than `max_age` (several open pages then
+        share one scrape a second instead of each scraping)."""
+        with self.lock:
+            if self.samples and 0 <= now - self.samples[-1][0] < max_age:
+                return self.samples[-1][2]
+        return None
+
     def rates(self, now: float) -> tuple[float, dict[str, dict[str, Any]]]:
         """(seconds covered, per-app rates) between the oldest and the newest sample."""
         with self.lock:
@@ -212,15 +221,16 @@ def status(window: Window, now: float | None = None) -> dict[str, Any]:
     scraped: dict[str, AppSample] = {}
     if url is None:
         metrics["error"] = "metrics are off (STATUS_METRICS_URL=off)"
+    elif (fresh := window.recent(now, MIN_SCRAPE_INTERVAL)) is not None:
+        scraped, metrics["ok"] = fresh, True
     else:
         try:
             scraped = scrape(url)
             metrics["ok"] = True
+            window.add(now, (state or {}).get("started_at"), scraped)
         except Exception as exc:  # noqa: BLE001 - any failure: show state without rates
             metrics["error"] = f"cannot read {url}: {exc}"
     started_at = (state or {}).get("started_at")
-    if metrics["ok"]:
-        window.add(now, started_at, scraped)
     elapsed, rates = window.rates(now) if metrics["ok"] else (0.0, {})
     metrics["window_seconds"] = round(elapsed, 3)
 
