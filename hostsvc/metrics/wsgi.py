@@ -8,10 +8,21 @@ server pulls them, keeping streamed responses streamed.
 The children are created on a worker's first request, never in the arbiter: with
 preload_app the middleware is built in the arbiter, and a value touched there would
 leave a per-arbiter file behind for nothing.
+
+The fast path: through the public API, every increment takes prometheus_client's
+multiprocess lock and checks the pid (a syscall) on its own, nine times per request
+(a counter, three histograms of two values each, the in-flight gauge up and down). The
+recorder instead takes that same lock once at the start and once at the end of a
+request and writes the values as `MmapedValue.inc` does (value, timestamp, mmap
+write), after checking the pid once. It relies on prometheus_client's multiprocess
+internals (pinned in requirements.lock); `_fast_lock()` checks each one at bind time and
+any mismatch, like a pid that changed since (a fork), falls back to the public API.
 """
 from __future__ import annotations
 
+import os
 import time
+from bisect import bisect_left
 from typing import Any, Callable, Iterable, Iterator
 
 from .spec import mp_metrics
@@ -22,6 +33,41 @@ WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
+def _fast_lock(value: Any, histogram: Any) -> Any | None:
+    """prometheus_client's multiprocess lock if its internals are as this module
+    expects (checked on one value and one histogram child), else None."""
+    try:
+        cls = type(value)
+        if not getattr(cls, "_multiprocess", False):
+            return None
+        inc = cls.inc
+        cells = dict(zip(inc.__code__.co_freevars, inc.__closure__ or ()))
+        lock = cells["lock"].cell_contents
+        for v in (value, histogram._sum, histogram._buckets[0]):
+            v._value, v._key, v._file.write_value   # noqa: B018 - attribute checks
+        if len(histogram._buckets) != len(histogram._upper_bounds) or \
+                histogram._upper_bounds[-1] != float("inf"):
+            return None
+        if not (hasattr(lock, "__enter__") and hasattr(lock, "__exit__")):
+            return None
+        return lock
+    except (AttributeError, KeyError, TypeError, ValueError, IndexError):
+        return None
+
+
+def _add(value: Any, amount: float) -> None:
+    """What MmapedValue.inc does under its lock, minus the lock and the pid check."""
+    value._value += amount
+    value._timestamp = 0.0
+    value._file.write_value(value._key, value._value, 0.0)
+
+
+def _observe(histogram: Any, amount: float) -> None:
+    """What Histogram.observe does (sum, then the first bucket >= amount), lock held."""
+    _add(histogram._sum, amount)
+    _add(histogram._buckets[bisect_left(histogram._upper_bounds, amount)], 1.0)
+
+
 class _Recorder:
     """The bound label children of one app, filled lazily per (method, code)."""
 
@@ -30,6 +76,8 @@ class _Recorder:
         self._ready = False
         self.requests: dict[tuple[str, str], Any] = {}
         self.durations: dict[str, Any] = {}
+        self.lock: Any = None       # the fast path's lock, None: public API only
+        self.pid = 0
 
     def bind(self) -> None:
         m = mp_metrics()
@@ -38,25 +86,47 @@ class _Recorder:
         self.in_flight = m["hostsvc_http_requests_in_flight"].labels(self.app_name)
         self.queue = m["hostsvc_http_request_queue_seconds"].labels(self.app_name)
         self.size = m["hostsvc_http_response_size_bytes"].labels(self.app_name)
+        self.lock = _fast_lock(self.in_flight._value, self.queue) \
+            if os.environ.get("HOSTSVC_METRICS_FAST", "1") != "0" else None
+        self.pid = os.getpid()       # the children above opened this process's files
         self._ready = True
 
-    def start(self) -> None:
+    def start(self, queued: float | None) -> None:
+        """A request begins: in flight, and its queue time if nginx stamped it."""
         if not self._ready:
             self.bind()
+        lock = self.lock
+        if lock is not None and os.getpid() == self.pid:
+            with lock:
+                _add(self.in_flight._value, 1.0)
+                if queued is not None:
+                    _observe(self.queue, queued)
+            return
         self.in_flight.inc()
+        if queued is not None:
+            self.queue.observe(queued)
 
     def finish(self, method: str, status: str, started: float, size: int) -> None:
         """Record one finished request (status is the WSGI status line)."""
+        elapsed = time.perf_counter() - started
         code = status[:3]
         counter = self.requests.get((method, code))
         if counter is None:
             counter = self.requests[(method, code)] = self._requests.labels(
                 self.app_name, method, code, code[:1] + "xx")
-        counter.inc()
         duration = self.durations.get(method)
         if duration is None:
             duration = self.durations[method] = self._duration.labels(self.app_name, method)
-        duration.observe(time.perf_counter() - started)
+        lock = self.lock
+        if lock is not None and os.getpid() == self.pid:
+            with lock:
+                _add(counter._value, 1.0)
+                _observe(duration, elapsed)
+                _observe(self.size, size)
+                _add(self.in_flight._value, -1.0)
+            return
+        counter.inc()
+        duration.observe(elapsed)
         self.size.observe(size)
         self.in_flight.dec()
 
@@ -107,13 +177,14 @@ def instrument(app_name: str, wsgi_app: WSGIApp) -> WSGIApp:
     def middleware(environ: dict[str, Any], start_response: Callable[..., Any]
                    ) -> Iterable[bytes]:
         started = time.perf_counter()
-        recorder.start()
+        queued = None
         header = environ.get("HTTP_X_REQUEST_START")
         if header is not None and header.startswith("t="):
             try:
-                recorder.queue.observe(max(0.0, time.time() - float(header[2:])))
+                queued = max(0.0, time.time() - float(header[2:]))
             except ValueError:
                 pass
+        recorder.start(queued)
         method = environ.get("REQUEST_METHOD", "GET")
         if method not in KNOWN_METHODS:
             method = "other"

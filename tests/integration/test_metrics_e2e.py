@@ -6,17 +6,18 @@ services. Each service gets its own metrics port ($HOSTSVC_METRICS_LISTEN, harne
 """
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from collections import Counter as Tally
 from typing import Any
 
 import pytest
-from prometheus_client.openmetrics.parser import text_string_to_metric_families as om_parse
-from prometheus_client.parser import text_string_to_metric_families
 
 from harness import wait_for
 
@@ -59,8 +60,32 @@ DOWN = """
 """
 
 
-def samples(text: str, parse: Any = text_string_to_metric_families) -> dict[str, list[Any]]:
-    """{sample name: [Sample, ...]} of one scrape."""
+def _parsers() -> tuple[Any, Any]:
+    """prometheus_client's text and OpenMetrics parsers, imported only when a test
+    runs: the library picks its value class at import, and tests/test_metrics.py (in
+    the same pytest process) needs it in multiprocess mode, so a first import happens
+    with PROMETHEUS_MULTIPROC_DIR pointing at a throwaway dir (restored after, so no
+    hostsvc started here inherits it)."""
+    if "prometheus_client" not in sys.modules:
+        previous = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        throwaway = tempfile.mkdtemp(prefix="hostsvc-e2e-")
+        atexit.register(shutil.rmtree, throwaway, True)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = throwaway
+        try:
+            import prometheus_client  # noqa: F401
+        finally:
+            if previous is None:
+                del os.environ["PROMETHEUS_MULTIPROC_DIR"]
+            else:
+                os.environ["PROMETHEUS_MULTIPROC_DIR"] = previous
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families as om
+    from prometheus_client.parser import text_string_to_metric_families as text
+    return text, om
+
+
+def samples(text: str, openmetrics: bool = False) -> dict[str, list[Any]]:
+    """{sample name: [Sample, ...]} of one scrape, parsed by prometheus_client."""
+    parse = _parsers()[1 if openmetrics else 0]
     out: dict[str, list[Any]] = {}
     for family in parse(text):
         for sample in family.samples:
@@ -143,7 +168,7 @@ def test_requests_queue_time_worker_crash_reloads_and_openmetrics(hostsvc) -> No
         "/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"})
     assert status == 200 and headers["content-type"].startswith("application/openmetrics-text")
     assert body.endswith(b"# EOF\n")
-    om = samples(body.decode(), om_parse)
+    om = samples(body.decode(), openmetrics=True)
     assert value(om, "hostsvc_http_requests_total", app="echo", method="GET", code="200") == 5
 
     # 3. a worker SIGKILLed: a crash restart, and no counter goes backwards
