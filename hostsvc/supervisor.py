@@ -118,8 +118,7 @@ class Supervisor:
         if not self._claim_runtime_dir():
             return 1
         try:
-            if not self._start_metrics():
-                return 1
+            self._start_metrics()
             self._install_signals()
             if not self.start():
                 self.stop()
@@ -131,13 +130,17 @@ class Supervisor:
             self._stop_metrics()
             self._release_runtime_dir()
 
-    def _start_metrics(self) -> bool:
+    def _start_metrics(self) -> None:
         """Metrics on: empty RUNTIME/metrics for the pools' multiprocess files and serve
-        /healthz, /readyz and /metrics from now on (probes answer during start-up)."""
+        /healthz, /readyz and /metrics from now on (probes answer during start-up).
+
+        A listener that cannot bind (a port in use) is logged as an error and the
+        service runs without metrics, as with `metrics: off`: metrics never keep the
+        apps from serving (Prometheus sees the target down)."""
         assert self.cfg is not None
         if not self.cfg.metrics.enabled:
             os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)   # no pool writes files
-            return True
+            return
         from .metrics import MetricsServer, prepare_multiproc_dir
 
         prepare_multiproc_dir(os.path.join(self.runtime_dir, "metrics"))
@@ -151,13 +154,14 @@ class Supervisor:
         try:
             server.start()
         except OSError as exc:
-            log.error("metrics listener %s: %s (set metrics.listen, or metrics: off)",
-                      listen, exc.strerror or exc)
-            return False
+            log.error("metrics listener %s: %s; running WITHOUT metrics (set "
+                      "metrics.listen, or metrics: off)", listen, exc.strerror or exc)
+            self.status_port = None
+            os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+            return
         self.metrics_server = server
         log.info("metrics on http://%s/metrics (also /healthz, /readyz)",
                  metrics_address(listen))
-        return True
 
     def _stop_metrics(self) -> None:
         if self.metrics_server is not None:
@@ -268,7 +272,7 @@ class Supervisor:
 
     def _start_pool(self, st: AppState) -> None:
         assert self.cfg is not None
-        st.pool = Pool(st.app, st.socket_path, metrics=self.cfg.metrics.enabled)
+        st.pool = Pool(st.app, st.socket_path, metrics=self.metrics_server is not None)
         st.pool.start()
         st.state = "starting"
         st.generation = self._generations.get(st.app.name, 1)

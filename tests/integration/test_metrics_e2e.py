@@ -277,3 +277,28 @@ def test_metrics_off_keeps_nginx_own_503_and_serves_no_metrics(hostsvc) -> None:
     assert "upstream-error" not in conf and "stub_status" not in conf
     assert not (svc.runtime_dir / "metrics").exists()
     assert svc.request("/metrics")[0] == 404
+
+
+def test_a_metrics_port_in_use_leaves_the_apps_serving_without_metrics(hostsvc) -> None:
+    import socket
+
+    with socket.socket() as busy:              # someone else holds the metrics port
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        svc = hostsvc("""
+            listen: 127.0.0.1:{port}
+            python_path: [{apps}]
+            grace_period: 5
+            metrics:
+              listen: 127.0.0.1:%d
+            apps:
+              - name: echo
+                wsgi: echo:app
+                workers: 1
+        """ % port)
+        assert svc.get_json("/echo/")["app"] == "echo"
+        assert "Address already in use; running WITHOUT metrics" in svc.stderr()
+        assert svc.state()["metrics"] == {"listen": None, "url": None}
+        conf = (svc.runtime_dir / "nginx.conf").read_text()
+        assert "error_page 502 =503 @hostsvc_unavailable;" in conf
