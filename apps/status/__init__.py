@@ -6,8 +6,9 @@
 
 It reads hostsvc's documented local interfaces only (see collect.py): `state.json` in the
 runtime dir ($STATUS_RUNTIME_DIR, else $HOSTSVC_RUNTIME_DIR, else ./run) and the metrics
-server's /metrics ($STATUS_METRICS_URL, default 127.0.0.1:9090; `off` for none). Without
-metrics the page shows the state and no rates; without state.json it says so (never a 500).
+server's /metrics at state.json's `metrics.url` ($STATUS_METRICS_URL overrides it; `off`
+for none). Without metrics the page shows the state and no rates; without state.json it
+says so (never a 500).
 
 `Home` is a one-page app for `/`: it redirects `/` to the status page and 404s the rest.
 """

@@ -1,8 +1,9 @@
 """What the status page shows, gathered from hostsvc's two documented local interfaces:
 
 - `RUNTIME/state.json` (docs/config.md): apps, prefixes, states, workers, restarts;
-- the metrics server's `/metrics` (docs/metrics.md), parsed with prometheus_client's
-  text parser: request and 5xx counters and the duration histogram per app.
+- the metrics server's `/metrics` (docs/metrics.md), found through state.json's
+  `metrics.url` (or $STATUS_METRICS_URL), parsed with prometheus_client's text parser:
+  request and 5xx counters and the duration histogram per app.
 
 Rates need two samples of the counters. Each worker process keeps its own ring buffer of
 samples in memory (`Window`), filled when a client asks for the status (no background
@@ -36,19 +37,28 @@ def runtime_dir() -> str:
     return os.path.abspath(os.path.expanduser(raw))
 
 
-def metrics_url() -> str | None:
-    """$STATUS_METRICS_URL as a URL; also accepts what `metrics.listen` accepts (`host:port`
-    or a bare port), so the YAML can pass ${HOSTSVC_METRICS_LISTEN} through. `off`: none."""
-    raw = (os.environ.get("STATUS_METRICS_URL") or DEFAULT_METRICS).strip()
-    if raw.lower() in ("off", "none", "false", "0", ""):
-        return None
+def metrics_url(state: dict[str, Any] | None = None) -> tuple[str | None, str]:
+    """(URL of /metrics or None, where that came from).
+
+    $STATUS_METRICS_URL wins: a URL, or what `metrics.listen` accepts (`host:port`, a bare
+    port), or `off`. Else state.json's `metrics.url` (null: the supervisor runs no
+    metrics). Else, for a supervisor whose state.json predates that key, 127.0.0.1:9090."""
+    raw = (os.environ.get("STATUS_METRICS_URL") or "").strip()
+    if raw:
+        source = "STATUS_METRICS_URL"
+    elif state is not None and isinstance(state.get("metrics"), dict):
+        return state["metrics"].get("url"), "state.json"
+    else:
+        raw, source = DEFAULT_METRICS, "default"
+    if raw.lower() in ("off", "none", "false", "0"):
+        return None, source
     if raw.startswith(("http://", "https://")):
-        return raw
+        return raw, source
     if raw.isdigit():
         raw = f"127.0.0.1:{raw}"
     host, _, port = raw.rpartition(":")
     host = {"0.0.0.0": "127.0.0.1", "[::]": "[::1]", "": "127.0.0.1"}.get(host, host)
-    return f"http://{host}:{port}/metrics"
+    return f"http://{host}:{port}/metrics", source
 
 
 def read_state(directory: str) -> tuple[dict[str, Any] | None, str | None]:
@@ -215,12 +225,13 @@ def status(window: Window, now: float | None = None) -> dict[str, Any]:
     now = time.time() if now is None else now
     rdir = runtime_dir()
     state, state_error = read_state(rdir)
-    url = metrics_url()
-    metrics: dict[str, Any] = {"url": url, "ok": False, "error": None,
+    url, source = metrics_url(state)
+    metrics: dict[str, Any] = {"url": url, "source": source, "ok": False, "error": None,
                                "window_seconds": 0.0, "window_target_seconds": window.seconds}
     scraped: dict[str, AppSample] = {}
     if url is None:
-        metrics["error"] = "metrics are off (STATUS_METRICS_URL=off)"
+        metrics["error"] = ("metrics are off (STATUS_METRICS_URL=off)" if source != "state.json"
+                            else "the supervisor runs no metrics server (metrics: off)")
     elif (fresh := window.recent(now, MIN_SCRAPE_INTERVAL)) is not None:
         scraped, metrics["ok"] = fresh, True
     else:

@@ -28,9 +28,8 @@ def stack(tmp_path_factory):
     tmp HOSTSVC_DATA_DIR. Yields the harness `Service` (`.port`, `.request()`,
     `.state()`, `.metrics_port`); at teardown every process it ran must be gone."""
     workdir = tmp_path_factory.mktemp("stack")
-    port, metrics_port = free_port(), free_port()
+    port = free_port()                  # (the harness picks the metrics port itself)
     env = {"HOSTSVC_LISTEN": f"127.0.0.1:{port}",
-           "HOSTSVC_METRICS_LISTEN": f"127.0.0.1:{metrics_port}",
            "HOSTSVC_DATA_DIR": str(workdir / "data"),
            # Service passes --runtime-dir WORKDIR/run; the status app learns it from here.
            "HOSTSVC_RUNTIME_DIR": str(workdir / "run")}
@@ -39,7 +38,6 @@ def stack(tmp_path_factory):
         for key, value in env.items():
             mp.setenv(key, value)
         svc = Service(workdir, None, config_name=str(CONFIG), port=port)
-    svc.metrics_port = metrics_port
     svc.data_dir = workdir / "data"
     _running.append(svc)
     try:

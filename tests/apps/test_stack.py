@@ -191,6 +191,8 @@ def test_status_json_lists_every_configured_app_running(stack):
     doc = status_json(stack)
     assert doc["state_error"] is None and doc["supervisor"]["running"] is True
     assert doc["metrics"]["ok"] is True, doc["metrics"]
+    assert doc["metrics"]["source"] == "state.json"          # found through state.json
+    assert doc["metrics"]["url"] == f"http://127.0.0.1:{stack.metrics_port}/metrics"
     apps = {a["name"]: a for a in doc["apps"]}
     assert set(apps) == app_names()
     declared = yaml.safe_load(CONFIG.read_text())["apps"]

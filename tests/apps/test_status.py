@@ -70,7 +70,15 @@ def test_metrics_address_forms(monkeypatch):
                      ("[::]:9090", "http://[::1]:9090/metrics"),
                      ("http://m:1/metrics", "http://m:1/metrics"), ("off", None)]:
         monkeypatch.setenv("STATUS_METRICS_URL", raw)
-        assert collect.metrics_url() == url
+        assert collect.metrics_url({"metrics": {"url": "http://x:1/metrics"}}) == \
+            (url, "STATUS_METRICS_URL")
+    monkeypatch.delenv("STATUS_METRICS_URL")
+    assert collect.metrics_url({"metrics": {"listen": "127.0.0.1:9191",
+                                            "url": "http://127.0.0.1:9191/metrics"}}) == \
+        ("http://127.0.0.1:9191/metrics", "state.json")
+    assert collect.metrics_url({"metrics": {"listen": None, "url": None}}) == \
+        (None, "state.json")
+    assert collect.metrics_url({}) == ("http://127.0.0.1:9090/metrics", "default")
 
 
 def test_quantile_interpolates_like_histogram_quantile():
