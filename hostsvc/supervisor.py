@@ -117,6 +117,8 @@ class Supervisor:
         self.runtime_dir = self.cfg.runtime_dir
         if not self._claim_runtime_dir():
             return 1
+        # Every pool inherits it: apps (the status page) find state.json through it.
+        os.environ["HOSTSVC_RUNTIME_DIR"] = os.path.abspath(self.runtime_dir)
         try:
             self._start_metrics()
             self._install_signals()

@@ -117,6 +117,8 @@ class Application:
         except BaseException:
             serving.request = serving.response = None
             raise
+        if environ.get("CONTENT_LENGTH"):
+            _drain_body(req)
         status, headers, body = self._finalize(req, resp, environ)
         start_response(status, headers)
         if req.hooks.has("on_end_request") or hasattr(body, "close") \
@@ -202,6 +204,36 @@ class Application:
 
 
 _EMPTY_HOOKS = HookMap()
+
+
+# Unread request bodies up to this size are read and dropped before answering.
+DRAIN_LIMIT = 16 * 1024 * 1024
+
+
+def _drain_body(req: Request) -> None:
+    """Read what is left of the request body when the answer did not need it (a 413, a
+    redirect, a handler that ignored an upload). Closing a socket with unread data makes
+    the kernel send a reset, and nginx, still writing the body, turns that into a 502
+    instead of our answer. Bodies larger than DRAIN_LIMIT are not worth reading."""
+    env = req.wsgi_environ
+    try:
+        remaining = int(env["CONTENT_LENGTH"])
+    except ValueError:
+        return
+    body = req.__dict__.get("body")
+    if body is not None:
+        remaining -= body._read
+    if not 0 < remaining <= DRAIN_LIMIT:
+        return
+    stream = env["wsgi.input"]
+    try:
+        while remaining > 0:
+            chunk = stream.read(min(remaining, 65536))
+            if not chunk:
+                return
+            remaining -= len(chunk)
+    except (OSError, ValueError):
+        return  # the client went away: nothing left to protect
 
 
 def _merge_param(params: dict[str, Any], key: str, value: Any) -> None:

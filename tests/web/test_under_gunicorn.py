@@ -132,3 +132,13 @@ def test_concurrent_requests_on_threads_keep_their_own_context(server):
     with ThreadPoolExecutor(8) as pool:
         results = list(pool.map(lambda i: request(server, "GET", f"/hello?name=n{i}"), range(64)))
     assert [r[2] for r in results] == [f"hello n{i}".encode() for i in range(64)]
+
+
+def test_oversized_body_gets_413_not_a_reset(server):
+    """The app refuses the body unread; it drains it before answering, so the peer (nginx in
+    production) is not reset mid-upload and sees the 413 instead of a broken connection."""
+    big = b"x" * (8 * 1024 * 1024)
+    for _ in range(3):
+        status, _, body = request(server, "POST", "/upload", big,
+                                  {"Content-Type": "multipart/form-data; boundary=b0undary"})
+        assert status == 413 and b"larger than" in body
