@@ -252,6 +252,15 @@ def test_a_dead_pool_is_counted_fails_readiness_and_main_listener_metrics(hostsv
     assert "location = /metrics {" in conf and "allow 127.0.0.1;" in conf
     assert "stub_status;" in conf
 
+    # the allow list applies on the main listener (a reload changes it); the metrics
+    # listener itself is not affected
+    svc.write_config(DOWN.replace("allow: [127.0.0.1]", "allow: [10.0.0.0/8]"))
+    os.kill(svc.proc.pid, signal.SIGHUP)
+    last = wait_for(lambda: svc.state()["last_reload"], what="the reload")
+    assert last["ok"] is True, last
+    assert svc.request("/metrics")[0] == 403
+    assert svc.metrics_request("/metrics")[0] == 200
+
 
 def test_metrics_off_keeps_nginx_own_503_and_serves_no_metrics(hostsvc) -> None:
     svc = hostsvc("""
