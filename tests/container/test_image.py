@@ -147,6 +147,8 @@ def test_no_volume_serves_the_bundled_apps(plain_box: Box) -> None:
     assert http(plain_box.port, "/static/index.html")[0] == 200
     status, _ = http(plain_box.port, "/notes/notes/", data=b'{"title": "t", "body": "b"}')
     assert status == 201, "notes writes its SQLite file into the /var/lib/hostsvc volume"
+    status, body = http(plain_box.port, "/status/api/status")
+    assert status == 200 and "hello" in body, "the status page reads state.json and /metrics"
 
 
 def test_runs_as_non_root_on_a_read_only_root_with_tini_as_pid_1(plain_box: Box) -> None:
