@@ -43,8 +43,18 @@ def mp_dir() -> Iterator[str]:
     so other test modules' subprocesses do not inherit it."""
     previous = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     path = tempfile.mkdtemp(prefix="hostsvc-metrics-test-")
+    values = sys.modules.get("prometheus_client.values")
+    previous_class = values.ValueClass if values is not None else None
+    if values is not None and not getattr(values.ValueClass, "_multiprocess", False):
+        # An earlier test module (the status app's parser) imported prometheus_client in
+        # this pytest process: choose its value class again, as a fresh import with the
+        # variable set would, so the supervisor-side guard below holds as in production.
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+        values.ValueClass = values.get_value_class()
     prepare_multiproc_dir(path)
     yield path
+    if values is not None:
+        values.ValueClass = previous_class
     if previous is None:
         del os.environ["PROMETHEUS_MULTIPROC_DIR"]
     else:
