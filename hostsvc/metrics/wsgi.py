@@ -14,9 +14,11 @@ multiprocess lock and checks the pid (a syscall) on its own, nine times per requ
 (a counter, three histograms of two values each, the in-flight gauge up and down). The
 recorder instead takes that same lock once at the start and once at the end of a
 request and writes the values as `MmapedValue.inc` does (value, timestamp, mmap
-write), after checking the pid once. It relies on prometheus_client's multiprocess
+write). Instead of the library's per-write pid check, a fork handler turns the fast path
+off in any child forked after binding (the public API then reopens files for the child's
+pid, as the library does). It relies on prometheus_client's multiprocess
 internals (pinned in requirements.lock); `_fast_lock()` checks each one at bind time and
-any mismatch, like a pid that changed since (a fork), falls back to the public API.
+any mismatch falls back to the public API.
 """
 from __future__ import annotations
 
@@ -77,7 +79,6 @@ class _Recorder:
         self.requests: dict[tuple[str, str], Any] = {}
         self.durations: dict[str, Any] = {}
         self.lock: Any = None       # the fast path's lock, None: public API only
-        self.pid = 0
 
     def bind(self) -> None:
         m = mp_metrics()
@@ -88,15 +89,21 @@ class _Recorder:
         self.size = m["hostsvc_http_response_size_bytes"].labels(self.app_name)
         self.lock = _fast_lock(self.in_flight._value, self.queue) \
             if os.environ.get("HOSTSVC_METRICS_FAST", "1") != "0" else None
-        self.pid = os.getpid()       # the children above opened this process's files
+        if self.lock is not None:
+            # The children above opened this process's files; a forked child must not
+            # write to them: there, the public API (and its pid check) takes over.
+            os.register_at_fork(after_in_child=self._forked)
         self._ready = True
+
+    def _forked(self) -> None:
+        self.lock = None
 
     def start(self, queued: float | None) -> None:
         """A request begins: in flight, and its queue time if nginx stamped it."""
         if not self._ready:
             self.bind()
         lock = self.lock
-        if lock is not None and os.getpid() == self.pid:
+        if lock is not None:
             with lock:
                 _add(self.in_flight._value, 1.0)
                 if queued is not None:
@@ -118,7 +125,7 @@ class _Recorder:
         if duration is None:
             duration = self.durations[method] = self._duration.labels(self.app_name, method)
         lock = self.lock
-        if lock is not None and os.getpid() == self.pid:
+        if lock is not None:
             with lock:
                 _add(counter._value, 1.0)
                 _observe(duration, elapsed)
