@@ -58,8 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("run", help="start and supervise everything (foreground)",
                        description="Start nginx and every app's pool; supervise until "
                        "SIGTERM/SIGINT. SIGHUP reloads the config.")
-    p.add_argument("config", nargs="?", default=DEFAULT_CONFIG, help="YAML config file "
-                   f"(default {DEFAULT_CONFIG})")
+    p.add_argument("config", nargs="?", default=os.environ.get("HOSTSVC_CONFIG", DEFAULT_CONFIG),
+                   help=f"YAML config file (default $HOSTSVC_CONFIG, else {DEFAULT_CONFIG})")
     p.add_argument("--runtime-dir", help="override the config's runtime_dir")
     p.add_argument("--watch", action="store_true", help="reload when the config file's "
                    "content changes (polled every 0.25 s; symlink swaps included)")
@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("check", help="validate a config and import its apps",
                        description="Validate CONFIG (types, unknown keys, duplicates, "
                        "imports); print FILE:LINE: KEY: problem lines; exit 1 on errors.")
-    p.add_argument("config", nargs="?", default=DEFAULT_CONFIG)
+    p.add_argument("config", nargs="?", default=os.environ.get("HOSTSVC_CONFIG", DEFAULT_CONFIG),
+                   help=f"default $HOSTSVC_CONFIG, else {DEFAULT_CONFIG}")
     p.add_argument("--no-import", action="store_true", help="skip importing the apps")
 
     p = sub.add_parser("reload", help="reload a running supervisor's config",

@@ -281,3 +281,11 @@ def test_every_rendered_variant_passes_nginx_t(tmp_path: Path, access_log: str) 
     with pytest.raises(NginxError, match="nginx -t rejected"):
         nginx.write_config("events {}\nhttp { bogus_directive on; }\n")
     assert "bogus" not in (runtime / "nginx.conf").read_text()   # the good one stays
+
+
+def test_check_defaults_to_hostsvc_config_env(tmp_path, monkeypatch, capsys) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("apps:\n  - name: x\n    workers: two\n    wsgi: a:b\n")
+    monkeypatch.setenv("HOSTSVC_CONFIG", str(bad))
+    assert cli.main(["check", "--no-import"]) != 0
+    assert f"{bad}:3: apps[0].workers" in capsys.readouterr().err
