@@ -178,17 +178,25 @@ def _run_arbiter(spec: dict[str, Any]) -> None:
     HostsvcApplication().run()
 
 
-def _check_import(spec: dict[str, Any]) -> None:
+CHECK_MARK = "hostsvc-check-result "
+
+
+def _check_imports(spec: dict[str, Any]) -> None:
+    """Build every app of `spec["apps"]` (they share env and python_path), reporting each
+    outcome on stdout behind CHECK_MARK, so one interpreter checks a whole group."""
     from .loader import LoadError
 
-    try:
-        build_app(AppConfig(**spec["app"]))
-    except LoadError as exc:
-        print(exc, file=sys.stderr)
-        sys.exit(3)
-    except Exception as exc:  # noqa: BLE001 - building the app ran user code
-        print(f"building the app failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-        sys.exit(3)
+    for app in spec["apps"]:
+        os.environ["HOSTSVC_APP"] = app["name"]
+        os.environ["HOSTSVC_PREFIX"] = app["prefix"]
+        error = None
+        try:
+            build_app(AppConfig(**app))
+        except LoadError as exc:
+            error = str(exc)
+        except Exception as exc:  # noqa: BLE001 - building the app ran user code
+            error = f"building the app failed: {type(exc).__name__}: {exc}"
+        print(CHECK_MARK + json.dumps({"name": app["name"], "error": error}), flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -196,50 +204,77 @@ def main(argv: list[str] | None = None) -> None:
     $HOSTSVC_POOL_SPEC so that `ps` shows a readable command line."""
     argv = sys.argv[1:] if argv is None else argv
     mode, spec = argv[0], json.loads(os.environ.pop(SPEC_ENV))
-    if mode == "run":
-        set_parent_death_signal(signal.SIGTERM, spec["supervisor_pid"])
+    if mode == "check":
+        os.environ.update(spec["apps"][0]["env"])
+        _check_imports(spec)
+        return
+    set_parent_death_signal(signal.SIGTERM, spec["supervisor_pid"])
     app = spec["app"]
     os.environ.update(app["env"])
     os.environ["HOSTSVC_APP"] = app["name"]
     os.environ["HOSTSVC_PREFIX"] = app["prefix"]
-    if mode == "check":
-        _check_import(spec)
-    else:
-        _run_arbiter(spec)
+    _run_arbiter(spec)
 
 
 def _child(mode: str, spec: dict[str, Any]) -> tuple[list[str], dict[str, str]]:
     """Command line and environment for a pool child."""
     env = dict(os.environ, **{SPEC_ENV: json.dumps(spec)})
-    return [sys.executable, "-P", "-m", "hostsvc.pool", mode, spec["app"]["name"]], env
+    names = spec["app"]["name"] if "app" in spec else ",".join(a["name"] for a in spec["apps"])
+    return [sys.executable, "-P", "-m", "hostsvc.pool", mode, names], env
 
 
 def check_apps(apps: Iterable[AppConfig], source: str, timeout: float = 60) -> list[str]:
-    """Import every app the way its pool would, each in a throwaway process, in parallel.
+    """Import every app the way its pool would, in throwaway processes, in parallel.
 
-    Returns `FILE:LINE: apps[i].root: ...` errors. A throwaway process because importing
-    runs user code (and env/sys.path differ per app) that must not touch the caller.
+    Returns `FILE:LINE: apps[i].root: ...` errors. Throwaway processes because importing
+    runs user code that must not touch the caller. Apps with the same env and python_path
+    share one process (an interpreter start costs more than most imports, and start-up
+    time matters); an app whose group process died before reporting it (user code that
+    exits at import) is checked again alone, so its own error is the one reported.
     """
-    def one(app: AppConfig) -> str | None:
-        spec = {"app": asdict(app)}
+    apps = list(apps)
+    groups: dict[str, list[AppConfig]] = {}
+    for app in apps:
+        groups.setdefault(json.dumps([app.env, app.python_path], sort_keys=True), []).append(app)
+
+    def error_line(app: AppConfig, detail: str) -> str:
+        return f"{source}:{app.target_line}: apps[{app.index}].{app.kind}: {detail}"
+
+    def run_group(group: list[AppConfig]) -> dict[str, str | None]:
+        """{app name: error or None} for the apps the process reported on."""
+        cmd, env = _child("check", {"apps": [asdict(a) for a in group]})
         try:
-            cmd, env = _child("check", spec)
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                                   env=env, stdin=subprocess.DEVNULL)
         except subprocess.TimeoutExpired:
-            return (f"{source}:{app.target_line}: apps[{app.index}].{app.kind}: importing "
-                    f"{app.target} took longer than {timeout:.0f}s")
-        if proc.returncode == 0:
-            return None
-        lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
-        detail = lines[-1] if lines else f"exit status {proc.returncode}"
-        return f"{source}:{app.target_line}: apps[{app.index}].{app.kind}: {detail}"
+            return {a.name: f"importing {a.target} took longer than {timeout:.0f}s"
+                    for a in group}
+        results = {}
+        for line in proc.stdout.splitlines():
+            if line.startswith(CHECK_MARK):
+                result = json.loads(line[len(CHECK_MARK):])
+                results[result["name"]] = result["error"]
+        if len(group) == 1 and group[0].name not in results:
+            lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+            results[group[0].name] = lines[-1] if lines else (
+                f"importing {group[0].target} ended the process (exit status {proc.returncode})")
+        return results
 
-    apps = list(apps)
+    def check_group(group: list[AppConfig]) -> list[tuple[int, str]]:
+        results = run_group(group)
+        errors = []
+        for app in group:
+            if app.name not in results:  # the process died before this app: alone, then
+                results.update(run_group([app]))
+            if results[app.name] is not None:
+                errors.append((app.index, error_line(app, results[app.name])))  # type: ignore[arg-type]
+        return errors
+
     if not apps:
         return []
-    with ThreadPoolExecutor(max_workers=min(4, len(apps))) as ex:
-        return [e for e in ex.map(one, apps) if e]
+    with ThreadPoolExecutor(max_workers=min(4, len(groups))) as ex:
+        found = [e for errs in ex.map(check_group, groups.values()) for e in errs]
+    return [line for _, line in sorted(found)]
 
 
 # -- the supervisor's handle ----------------------------------------------------------------

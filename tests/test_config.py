@@ -289,3 +289,26 @@ def test_check_defaults_to_hostsvc_config_env(tmp_path, monkeypatch, capsys) -> 
     monkeypatch.setenv("HOSTSVC_CONFIG", str(bad))
     assert cli.main(["check", "--no-import"]) != 0
     assert f"{bad}:3: apps[0].workers" in capsys.readouterr().err
+
+
+def test_check_survives_an_app_that_exits_the_checking_process(tmp_path: Path, capsys) -> None:
+    """Apps sharing env and python_path are imported in one process; one that ends that
+    process at import is checked again alone, and the others are still judged."""
+    (tmp_path / "good.py").write_text("def app(environ, start_response):\n    return []\n")
+    (tmp_path / "quitter.py").write_text("import os\nos._exit(0)\n")
+    path = write(tmp_path, """
+        python_path: [.]
+        apps:
+          - name: quitter
+            wsgi: quitter:app
+          - name: good
+            wsgi: good:app
+          - name: missing
+            root: nosuchmodule:Root
+    """)
+    assert cli.main(["check", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert f"{path}:4: apps[0].wsgi: importing quitter:app ended the process (exit status 0)" \
+        in err
+    assert f"{path}:8: apps[2].root: cannot import 'nosuchmodule'" in err
+    assert "apps[1]" not in err and "2 error(s)" in err
