@@ -22,7 +22,6 @@ import argparse
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -36,7 +35,8 @@ BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 
 import apps  # noqa: E402
-from web import Case, free_port, parse_wrk, run_wrk, serving, wait_ready  # noqa: E402
+from web import (Case, free_port, parse_wrk, run_wrk, serving, stop_group,  # noqa: E402
+                 wait_ready)
 
 TARGET_STACK_OVER_BARE = 0.75
 TARGET_METRICS_COST = 0.05
@@ -77,14 +77,7 @@ def hostsvc(n_apps: int, metrics: bool = True) -> Iterator[tuple[int, Path, floa
             ready = time.monotonic() - t0
             yield port, Path(tmp) / "run", ready
         finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=40)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+            stop_group(proc, timeout=40)
 
 
 def memory_kib(pid: int) -> tuple[int, int]:

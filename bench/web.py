@@ -135,14 +135,19 @@ def serving(server: str, app: str, probe: Case) -> Iterator[int]:
         wait_ready(f"http://127.0.0.1:{port}{probe.path}", probe.expect, proc)
         yield port
     finally:
+        stop_group(proc, timeout=10)
+
+
+def stop_group(proc: subprocess.Popen, timeout: float) -> None:
+    """SIGTERM the process group led by `proc` (a graceful stop), SIGKILL it if it lingers."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 # -- load ------------------------------------------------------------------------------

@@ -12,41 +12,10 @@ from typing import Any
 
 import pytest
 
+from support.dockerfile import DOCKERFILE, final_stage, instructions, stages
+
 REPO = Path(__file__).resolve().parents[2]
 
-DOCKERFILE = REPO / "Dockerfile"
-
-
-def instructions(text: str) -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) pairs, continuation lines joined, comments dropped."""
-    out: list[tuple[str, str]] = []
-    buf = ""
-    for raw in text.splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        if line.endswith("\\"):
-            buf += line[:-1] + " "
-            continue
-        line = buf + line
-        buf = ""
-        word, _, rest = line.partition(" ")
-        out.append((word.upper(), rest.strip()))
-    return out
-
-
-def stages(text: str) -> list[list[tuple[str, str]]]:
-    result: list[list[tuple[str, str]]] = []
-    for ins in instructions(text):
-        if ins[0] == "FROM":
-            result.append([])
-        if result:
-            result[-1].append(ins)
-    return result
-
-
-def final_stage() -> list[tuple[str, str]]:
-    return stages(DOCKERFILE.read_text())[-1]
 
 
 def test_hadolint_passes(tools: Any) -> None:

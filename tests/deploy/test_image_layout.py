@@ -26,28 +26,10 @@ from typing import Any, Iterator
 
 import pytest
 
+from support.dockerfile import final_stage
 from support.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def final_stage_instructions() -> list[tuple[str, str]]:
-    text = (REPO / "Dockerfile").read_text()
-    out: list[tuple[str, str]] = []
-    buf = ""
-    for raw in text.splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        if line.endswith("\\"):
-            buf += line[:-1] + " "
-            continue
-        word, _, rest = (buf + line).partition(" ")
-        buf = ""
-        if word.upper() == "FROM":
-            out = []
-        out.append((word.upper(), rest.strip()))
-    return out
 
 
 def image_runtime() -> tuple[dict[str, str], list[str], str]:
@@ -57,7 +39,7 @@ def image_runtime() -> tuple[dict[str, str], list[str], str]:
     cmd: list[str] = []
     workdir = "/"
     import json
-    for ins, args in final_stage_instructions():
+    for ins, args in final_stage():
         if ins == "ENV":
             for pair in shlex.split(args):
                 key, _, value = pair.partition("=")
