@@ -8,6 +8,7 @@ each other (the loser gets a conflict).
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import sqlite3
 import tempfile
@@ -48,11 +49,16 @@ class NoteStore:
         db = getattr(self._local, "db", None)
         if db is None:
             os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-            db = sqlite3.connect(self.path, timeout=10, isolation_level=None)
-            db.row_factory = sqlite3.Row
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA busy_timeout=10000")
-            db.execute(SCHEMA)
+            # Workers starting together on a new file race to switch it to WAL and create
+            # the table, and SQLite answers "database is locked" at once (no busy wait)
+            # for the journal-mode switch: set the file up under a lock of our own.
+            with open(self.path + ".init-lock", "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                db = sqlite3.connect(self.path, timeout=10, isolation_level=None)
+                db.row_factory = sqlite3.Row
+                db.execute("PRAGMA busy_timeout=10000")
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute(SCHEMA)
             self._local.db = db
         return db
 
