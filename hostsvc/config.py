@@ -265,7 +265,8 @@ def _non_negative_int(v: Any) -> int | None:
 
 
 def _positive_number(v: Any) -> float | None:
-    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+    # Finite: .inf passes "> 0" but nginx and gunicorn need a real number of seconds.
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 10 ** 9
     return v if ok else None
 
 
@@ -278,10 +279,18 @@ def _size(v: Any) -> str | None:
     return v if isinstance(v, str) and SIZE_RE.match(v) else None
 
 
+PREFIX_EXPECTED = ("a URL path starting with '/' (e.g. /blog), without spaces, quotes, "
+                   "$, %, ?, ;{}# or '.'/'..' segments")
+
+
 def _prefix(v: Any) -> str | None:
     if not isinstance(v, str) or not v.startswith("/") or "//" in v:
         return None
-    if any(c.isspace() or c in "{};#\"'\\?" for c in v):
+    # Characters that nginx would read as syntax or variables ($), or that never match a
+    # normalised URI (%, "." and ".." segments).
+    if any(c.isspace() or c in "{};#\"'\\?$%" for c in v):
+        return None
+    if any(seg in (".", "..") for seg in v.split("/")):
         return None
     return v.rstrip("/") or "/"
 
@@ -307,6 +316,19 @@ def _string_list(v: Any, item_check: Any = _string) -> list[str] | None:
     if not isinstance(v, list) or not all(item_check(i) is not None for i in v):
         return None
     return [item_check(i) for i in v]
+
+
+def _listen_list(v: Any) -> list[str] | None:
+    """At least one listener, none twice (nginx falls back to port 80 with none)."""
+    found = _string_list(v, _listen)
+    return found if found and len(set(found)) == len(found) else None
+
+
+def _nginx_path(v: Any) -> str | None:
+    """A path nginx can take unquoted in `alias`: no whitespace or nginx syntax."""
+    if isinstance(v, str) and v and not any(c.isspace() or c in "{};#\"'\\$" for c in v):
+        return v
+    return None
 
 
 def _host(v: Any) -> str | None:
@@ -386,8 +408,7 @@ def _check_app(c: _Checker, entry: Any, i: int, line: int, top_paths: list[str],
     c.unknown_keys(entry, APP_KEYS, where)
     name = c.get(entry, "name", where, "a lowercase name ([a-z0-9_-], up to 63 chars)",
                  lambda v: v if isinstance(v, str) and NAME_RE.match(v) else None, None)
-    prefix = c.get(entry, "prefix", where, "a path starting with '/' (e.g. /blog)",
-                   _prefix, None)
+    prefix = c.get(entry, "prefix", where, PREFIX_EXPECTED, _prefix, None)
     if name is None and prefix is None:
         if "name" not in entry and "prefix" not in entry:
             c.error(entry.line, f"apps[{i}]", "needs a name or a prefix (or both)")
@@ -458,8 +479,9 @@ def _check_static(c: _Checker, entry: Any, i: int, line: int) -> StaticMount | N
     for key in ("prefix", "path"):
         if key not in entry:
             c.error(entry.line, f"static[{i}]", f"missing required key {key!r}")
-    prefix = c.get(entry, "prefix", where, "a path starting with '/'", _prefix, None)
-    path = c.get(entry, "path", where, "a directory path", _string, None)
+    prefix = c.get(entry, "prefix", where, PREFIX_EXPECTED, _prefix, None)
+    path = c.get(entry, "path", where,
+                 "a directory path without spaces, quotes, $ or ;{}#", _nginx_path, None)
     if path is not None:
         path = c.resolve_path(path)
         if not os.path.isdir(path):
@@ -493,8 +515,8 @@ def validate(doc: Any, source: str, base_dir: Path | None = None,
         raise ConfigError([f"{source}:1: expected a mapping at the top (listen:, apps:, ...), "
                            f"got {type(doc).__name__}"])
     c.unknown_keys(doc, TOP_KEYS, "")
-    listen = c.get(doc, "listen", "", "host:port or a list of them (e.g. 127.0.0.1:8080)",
-                   lambda v: _string_list(v, _listen), [DEFAULT_LISTEN])
+    listen = c.get(doc, "listen", "", "host:port or a non-empty list of distinct ones "
+                   "(e.g. 127.0.0.1:8080)", _listen_list, [DEFAULT_LISTEN])
     rdir = c.get(doc, "runtime_dir", "", "a directory path", _string, DEFAULT_RUNTIME_DIR)
     rdir = runtime_dir or rdir
     body_size = c.get(doc, "client_max_body_size", "", "a size like 1m, 512k or 0",

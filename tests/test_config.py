@@ -78,7 +78,7 @@ def test_every_error_is_reported_at_once(tmp_path: Path) -> None:
     joined = "\n".join(errors)
     assert f"{path}:1: listen: expected host:port" in joined
     assert f"{path}:2: acces_log: unknown key; expected one of:" in joined
-    assert f"{path}:5: apps[0].prefix: expected a path starting with '/'" in joined
+    assert f"{path}:5: apps[0].prefix: expected a URL path starting with '/'" in joined
     assert f"{path}:8: apps[1].root: expected 'package.module:attribute', got 'b'" in joined
     assert f"{path}:9: apps[1].threads: expected a positive integer, got 0" in joined
     assert f"{path}:10: apps[1].colour: unknown key" in joined
@@ -312,3 +312,33 @@ def test_check_survives_an_app_that_exits_the_checking_process(tmp_path: Path, c
         in err
     assert f"{path}:8: apps[2].root: cannot import 'nosuchmodule'" in err
     assert "apps[1]" not in err and "2 error(s)" in err
+
+
+def test_values_nginx_or_gunicorn_would_misread_are_config_errors(tmp_path: Path) -> None:
+    """Review findings: each of these passed `check`, then broke nginx -t, listened on
+    port 80, crashed a reload (.inf), or let a client header into a redirect ($)."""
+    (tmp_path / "my dir").mkdir()
+    path = write(tmp_path, """
+        listen: []
+        grace_period: .inf
+        apps:
+          - name: a
+            prefix: /a$http_x
+            wsgi: x:app
+            timeout: .inf
+          - name: b
+            prefix: /x/../y
+            wsgi: x:app
+        static:
+          - prefix: /s
+            path: "my dir"
+    """)
+    errors = "\n".join(errors_of(path))
+    assert f"{path}:1: listen: expected host:port or a non-empty list" in errors
+    assert f"{path}:2: grace_period: expected a positive number of seconds, got inf" in errors
+    assert f"{path}:5: apps[0].prefix: expected a URL path" in errors
+    assert f"{path}:7: apps[0].timeout: expected a positive number of seconds, got inf" in errors
+    assert f"{path}:9: apps[1].prefix: expected a URL path" in errors
+    assert f"{path}:13: static[0].path: expected a directory path without spaces" in errors
+    dup = write(tmp_path, "listen: [127.0.0.1:8181, 127.0.0.1:8181]\n", "dup.yaml")
+    assert any("non-empty list of distinct" in e for e in errors_of(dup))
