@@ -123,6 +123,9 @@ def gunicorn_options(app: AppConfig, socket_path: str) -> dict[str, Any]:
         "preload_app": True,
         # Every arbiter of a user would share (and unlink) the default control socket.
         "control_socket_disable": True,
+        # Sockets (and files the app writes) private to the service's user; nginx runs
+        # as that user. gunicorn's default umask of 0 leaves sockets world-writable.
+        "umask": 0o077,
         "proc_name": f"hostsvc-{app.name}",
         "errorlog": "-",
         "loglevel": "warning",
@@ -361,14 +364,15 @@ class Pool:
         self.signal(signal.SIGTERM)
 
     def kill(self) -> None:
-        """Last resort after the grace period: the arbiter and any worker left."""
-        workers = self.worker_pids()
-        self.signal(signal.SIGKILL)
-        for pid in workers:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        """Last resort after the grace period, or after the arbiter died: the arbiter and
+        every worker left. The arbiter leads its own process group, so workers orphaned
+        by a dead arbiter (no longer its children) are still found and killed."""
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
 
     def worker_pids(self) -> list[int]:
         """Pids of the arbiter's worker processes, from /proc (children of the arbiter)."""

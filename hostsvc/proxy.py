@@ -96,6 +96,10 @@ def _static_locations(mount: StaticMount) -> list[str]:
     directory = mount.path.rstrip("/") + "/"
     body = ["set $hostsvc_app static;"]
     body.append(f"root {directory};" if mount.prefix == "/" else f"alias {directory};")
+    # No symlinks below the mount (one could point anywhere on the machine), and no
+    # dotfiles (.git, .env): what a static directory publishes is its plain files.
+    body.append(f"disable_symlinks on from={directory.rstrip('/')};")
+    body.append("location ~ /\\. { return 404; }")
     if mount.expires:
         body.append(f"expires {mount.expires};")
     return _mount(mount.prefix, body)

@@ -199,7 +199,10 @@ class Supervisor:
             log.error("runtime dir %s is too long for unix socket paths (%d bytes max); "
                       "use a shorter runtime_dir or --runtime-dir", rd, UNIX_PATH_MAX)
             return False
+        # Only this user (and nginx, running as it) may reach the pools' sockets: they
+        # trust forwarded headers, so a local user connecting directly could spoof them.
         (rd / "sockets").mkdir(parents=True, exist_ok=True)
+        os.chmod(rd / "sockets", 0o700)
         pidfile = rd / "hostsvc.pid"
         try:
             other = int(pidfile.read_text().strip())
@@ -489,8 +492,14 @@ class Supervisor:
                 self.nginx.write_config(self._render())
                 raise NginxError("nginx did not take the new config (see its error above); "
                                  "it keeps serving the old one")
-        except NginxError as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure here must keep the old config
             self.apps, self.cfg = old_apps, old_cfg
+            if not isinstance(exc, NginxError):
+                log.exception("reload: rendering or installing the nginx config failed")
+                try:   # leave the old config on disk too, for the next nginx restart
+                    self.nginx.write_config(self._render())
+                except Exception:  # noqa: BLE001 - already failing; the old one still runs
+                    log.exception("reload: could not rewrite the previous nginx config")
             self._retire([st.pool for st in fresh.values() if st.pool])
             return self._reload_done(False, str(exc))
 

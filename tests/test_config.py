@@ -342,3 +342,14 @@ def test_values_nginx_or_gunicorn_would_misread_are_config_errors(tmp_path: Path
     assert f"{path}:13: static[0].path: expected a directory path without spaces" in errors
     dup = write(tmp_path, "listen: [127.0.0.1:8181, 127.0.0.1:8181]\n", "dup.yaml")
     assert any("non-empty list of distinct" in e for e in errors_of(dup))
+
+
+def test_static_mounts_refuse_symlinks_and_dotfiles_in_nginx(tmp_path: Path) -> None:
+    (tmp_path / "pub").mkdir()
+    cfg = load(write(tmp_path, """
+        apps: [{name: a, wsgi: x:app}]
+        static: [{prefix: /s, path: pub}]
+    """))
+    text = render(cfg, {"a": "/tmp/a.sock"}, str(tmp_path / "run"))
+    assert f"disable_symlinks on from={tmp_path / 'pub'};" in text
+    assert "location ~ /\\. { return 404; }" in text

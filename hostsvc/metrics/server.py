@@ -319,9 +319,12 @@ class _Handler(BaseHTTPRequestHandler):
         path = self.path.split("?", 1)[0]
         m = UPSTREAM_ERROR_RE.match(path)
         if m:
-            length = int(self.headers.get("Content-Length") or 0)
-            if length:
-                self.rfile.read(length)      # keep the connection usable
+            raw = self.headers.get("Content-Length") or "0"
+            if not raw.isdigit():
+                self._send(400, b"bad Content-Length\n", "text/plain; charset=utf-8")
+                return
+            if int(raw):
+                self.rfile.read(int(raw))    # keep the connection usable
             answer = self.metrics.upstream_error(m.group(1), m.group(2), self.command)
             if answer is None:
                 self._send(404, b"unknown app\n", "text/plain; charset=utf-8")

@@ -127,3 +127,37 @@ def test_a_port_in_use_stops_everything_with_a_clear_error(hostsvc) -> None:
     assert "event=nginx_failed" in err and "a port in use?" in err
     assert "app=echo" in err and err.count("event=stopped") == 2
     assert not (svc.runtime_dir / "hostsvc.pid").exists()
+
+
+def test_workers_of_a_killed_arbiter_do_not_outlive_it(hostsvc) -> None:
+    """Review finding: a worker busy with a request when its arbiter was SIGKILLed used to
+    be re-parented to PID 1 and keep running beside the restarted pool."""
+    svc = hostsvc(BASIC_CONFIG)
+    wait_for(lambda: all(len(a["worker_pids"]) == a["workers"]
+                         for a in svc.state()["apps"].values()), what="all workers")
+    echo = svc.state()["apps"]["echo"]
+    workers = {pid: start for pid, start in svc.remember_pids().items()
+               if pid in echo["worker_pids"]}
+    assert len(workers) == echo["workers"]
+    response = svc.slow_request(20)      # keeps one echo worker busy
+    os.kill(echo["pid"], signal.SIGKILL)
+    wait_for(lambda: not survivors(workers), timeout=15,
+             what="the dead arbiter's workers to be killed")
+    wait_for(lambda: svc.state()["apps"]["echo"]["state"] == "running", timeout=30,
+             what="echo to restart")
+    assert svc.get_json("/echo/")["app"] == "echo"
+    status, _, _ = response()
+    assert status in (502, 503)          # its request died with its worker
+
+
+def test_pool_sockets_are_private_to_the_service_user(hostsvc) -> None:
+    """Review finding: sockets were world-writable (gunicorn's umask 0), so any local user
+    could reach a pool directly with forged X-Forwarded-For headers."""
+    import stat
+    svc = hostsvc(BASIC_CONFIG)
+    sockets = svc.runtime_dir / "sockets"
+    assert stat.S_IMODE(sockets.stat().st_mode) == 0o700
+    for app in svc.state()["apps"].values():
+        mode = stat.S_IMODE(os.stat(app["socket"]).st_mode)
+        assert mode & 0o077 == 0, oct(mode)
+    assert svc.get_json("/echo/")["app"] == "echo"   # nginx still reaches them
