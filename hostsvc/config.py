@@ -95,6 +95,9 @@ class MetricsConfig:
     requests: bool = True          # default of every app's request metrics
     expose_on_main: bool = False   # also /metrics, /healthz, /readyz on `listen:`
     allow: list[str] = field(default_factory=lambda: list(DEFAULT_METRICS_ALLOW))
+    # Not a YAML key: a secret the supervisor draws each run, which nginx sends with the
+    # upstream errors it reports, so nobody else can inflate those counters.
+    upstream_token: str = ""
 
     @property
     def enabled(self) -> bool:

@@ -114,6 +114,9 @@ def _mount(prefix: str, body: list[str]) -> list[str]:
             f"location {prefix}/ {{{inner}\n        }}"]
 
 
+UPSTREAM_TOKEN_HEADER = "X-Hostsvc-Upstream-Token"
+
+
 def _metrics_locations(metrics: MetricsConfig) -> list[str]:
     """With metrics on: the named location nginx's own upstream errors go to and, if
     expose_on_main, /metrics, /healthz and /readyz proxied to the metrics listener."""
@@ -127,6 +130,8 @@ def _metrics_locations(metrics: MetricsConfig) -> list[str]:
     lines = ["location @hostsvc_upstream_error {\n"
              "            recursive_error_pages on;\n"
              "            error_page 502 504 =503 @hostsvc_unavailable;\n"
+             + (f"            proxy_set_header {UPSTREAM_TOKEN_HEADER} {metrics.upstream_token};\n"
+                if metrics.upstream_token else "") +
              f"            proxy_pass http://{address}/_hostsvc/upstream-error/"
              "$hostsvc_app/$upstream_status;\n"
              "        }"]
@@ -259,7 +264,10 @@ class Nginx:
         for kind in TEMP_DIRS:
             Path(self.runtime_dir, "nginx", kind).mkdir(parents=True, exist_ok=True)
         candidate = self.conf_path + ".new"
-        Path(candidate).write_text(text)
+        # 0600: it holds the metrics upstream token, and nginx reads it as this user.
+        fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
         proc = subprocess.run(self._args(candidate) + ["-t", "-q"], capture_output=True,
                               text=True, stdin=subprocess.DEVNULL)
         if proc.returncode != 0:

@@ -29,6 +29,7 @@ import hashlib
 import json
 import logging
 import os
+import secrets
 import select
 import signal
 import socket
@@ -104,6 +105,7 @@ class Supervisor:
         self._generations: dict[str, int] = {}
         self.metrics_server: Any = None      # hostsvc.metrics.MetricsServer when enabled
         self.status_port: int | None = None  # nginx's loopback stub_status server
+        self.upstream_token = ""             # nginx's proof when it reports upstream errors
         self._state_snapshot: dict[str, Any] = {"started_at": self.started_at, "apps": {}}
 
     # -- run ------------------------------------------------------------------------------
@@ -150,9 +152,11 @@ class Supervisor:
         self._state_snapshot = self._initial_snapshot()
         listen = self.cfg.metrics.listen
         assert listen is not None
+        self.upstream_token = secrets.token_hex(16)
         server = MetricsServer(lambda: self._state_snapshot, listen=listen,
                                nginx_status_url=f"http://127.0.0.1:{self.status_port}"
-                                                "/nginx_status")
+                                                "/nginx_status",
+                               upstream_token=self.upstream_token)
         try:
             server.start()
         except OSError as exc:
@@ -560,7 +564,9 @@ class Supervisor:
         """nginx.conf for the apps as they run now (a failed replacement keeps its old
         settings), each app routed to its current socket."""
         assert self.cfg is not None
-        effective = replace(self.cfg, apps=[st.app for st in self.apps.values()])
+        effective = replace(self.cfg, apps=[st.app for st in self.apps.values()],
+                            metrics=replace(self.cfg.metrics,
+                                            upstream_token=self.upstream_token))
         return render(effective, {n: st.socket_path for n, st in self.apps.items()},
                       self.runtime_dir, self.status_port)
 

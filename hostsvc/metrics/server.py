@@ -19,6 +19,7 @@ fetched per scrape too, so nothing runs between scrapes.
 """
 from __future__ import annotations
 
+import hmac
 import json
 import os
 import platform
@@ -212,9 +213,12 @@ class MetricsServer:
     """
 
     def __init__(self, state: Callable[[], dict[str, Any]], listen: str = "127.0.0.1:9090",
-                 nginx_status_url: str | None = None, multiproc_path: str | None = None
-                 ) -> None:
+                 nginx_status_url: str | None = None, multiproc_path: str | None = None,
+                 upstream_token: str = "") -> None:
         self.state = state
+        # When set, upstream-error reports must carry it (nginx sends it): anyone else
+        # who can reach the listener could otherwise inflate the error counters.
+        self.upstream_token = upstream_token
         host, _, port = listen.rpartition(":")
         self.address = (host.strip("[]") or "127.0.0.1", int(port))
         self.path = multiproc_dir(multiproc_path)
@@ -319,6 +323,12 @@ class _Handler(BaseHTTPRequestHandler):
         path = self.path.split("?", 1)[0]
         m = UPSTREAM_ERROR_RE.match(path)
         if m:
+            token = self.metrics.upstream_token
+            if token and not hmac.compare_digest(
+                    self.headers.get("X-Hostsvc-Upstream-Token", ""), token):
+                self._send(403, b"upstream errors are reported by hostsvc's nginx only\n",
+                           "text/plain; charset=utf-8")
+                return
             raw = self.headers.get("Content-Length") or "0"
             if not raw.isdigit():
                 self._send(400, b"bad Content-Length\n", "text/plain; charset=utf-8")

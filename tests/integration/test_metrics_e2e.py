@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -230,6 +231,11 @@ def test_a_dead_pool_is_counted_fails_readiness_and_main_listener_metrics(hostsv
                  code="503", code_class="5xx") == 3
     assert value(found, "hostsvc_http_requests_total", app="nostart", method="POST",
                  code="503") == 1
+    # only nginx (which has the per-run token) can report upstream errors: a request
+    # straight to the metrics listener is refused and counts nothing
+    assert svc.metrics_request("/_hostsvc/upstream-error/nostart/502")[0] == 403
+    assert value(scrape(svc), "hostsvc_proxy_errors_total", app="nostart", code="502") == 4
+    assert stat.S_IMODE((svc.runtime_dir / "nginx.conf").stat().st_mode) == 0o600
     assert value(found, "hostsvc_app_ready", app="nostart") == 0
     assert value(found, "hostsvc_pool_state", app="nostart", state="running") == 0
     assert (value(found, "hostsvc_pool_state", app="nostart", state="backoff") or 0) + \
