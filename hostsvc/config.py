@@ -567,6 +567,17 @@ def validate(doc: Any, source: str, base_dir: Path | None = None,
     return cfg
 
 
+def serves(hosts: list[str], server: str) -> bool:
+    """Whether a mount declared for `hosts` belongs in nginx's server block `server`.
+
+    A mount without hosts is in every block; a wildcard (`*.example.com`) is also in the
+    block of each exact name it covers, since nginx sends such a name to the exact block.
+    """
+    if not hosts or server in hosts:
+        return True
+    return any(h.startswith("*.") and server.endswith(h[1:]) for h in hosts)
+
+
 def _check_unique(c: _Checker, cfg: Config) -> None:
     """Names are unique; a (host, prefix) pair is claimed by one app or mount only."""
     names: dict[str, int] = {}
@@ -575,16 +586,22 @@ def _check_unique(c: _Checker, cfg: Config) -> None:
             c.error(app.line, f"apps[{app.index}].name",
                     f"duplicate app name {app.name!r} (also apps[{names[app.name]}])")
         names.setdefault(app.name, app.index)
-    seen: dict[tuple[str, str], str] = {}
     mounts = [(a.prefix, a.hosts, a.line, f"apps[{a.index}]") for a in cfg.apps]
     mounts += [(s.prefix, s.hosts, s.line, f"static[{i}]") for i, s in enumerate(cfg.static)]
-    for prefix, hosts, line, where in mounts:
-        for host in hosts or ["*"]:
-            other = seen.get((host, prefix))
-            if other:
+    # Judge each server block nginx will get (one per declared host name, or one for
+    # all), with the mounts proxy.render puts there: two with one prefix is an error.
+    servers = sorted({h for _, hosts, _, _ in mounts for h in hosts}) or ["*"]
+    reported: set[str] = set()
+    for server in servers:
+        seen: dict[str, str] = {}
+        for prefix, hosts, line, where in mounts:
+            if server != "*" and not serves(hosts, server):
+                continue
+            other = seen.setdefault(prefix, where)
+            if other != where and where not in reported:
+                reported.add(where)
                 c.error(line, f"{where}.prefix", f"duplicate prefix {prefix!r}"
-                        + (f" for host {host!r}" if host != "*" else "") + f" (also {other})")
-            seen.setdefault((host, prefix), where)
+                        + (f" for host {server!r}" if server != "*" else "") + f" (also {other})")
     if cfg.access_log not in ACCESS_LOG_FORMATS:  # pragma: no cover - guarded by get()
         c.error(0, "access_log", "expected json, text or off")
 

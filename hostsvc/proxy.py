@@ -25,7 +25,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
-from .config import AppConfig, Config, MetricsConfig, StaticMount
+from .config import AppConfig, Config, MetricsConfig, StaticMount, serves
 
 MIME_TYPES = "/etc/nginx/mime.types"
 TEMP_DIRS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
@@ -214,8 +214,8 @@ def render(cfg: Config, sockets: dict[str, str], runtime_dir: str,
         # host; any other Host gets its connection closed (444).
         servers = "".join(
             _server(cfg.listen, host, False,
-                    [a for a in cfg.apps if not a.hosts or host in a.hosts],
-                    [s for s in cfg.static if not s.hosts or host in s.hosts], cfg.metrics)
+                    [a for a in cfg.apps if serves(a.hosts, host)],
+                    [s for s in cfg.static if serves(s.hosts, host)], cfg.metrics)
             for host in hosts)
         servers += "    server {\n" + "".join(
             f"        listen {_listen_directive(ls)} default_server;\n" for ls in cfg.listen

@@ -353,3 +353,29 @@ def test_static_mounts_refuse_symlinks_and_dotfiles_in_nginx(tmp_path: Path) -> 
     text = render(cfg, {"a": "/tmp/a.sock"}, str(tmp_path / "run"))
     assert f"disable_symlinks on from={tmp_path / 'pub'};" in text
     assert "location ~ /\\. { return 404; }" in text
+
+
+def test_wildcard_hosts_and_hostless_mounts_in_every_server_block(tmp_path: Path) -> None:
+    """Review findings: nginx sends a.example.com to its exact server block, which lacked
+    the *.example.com app; and a host-less app beside a host app with the same prefix
+    passed check, then failed nginx -t with a duplicate location."""
+    cfg = load(write(tmp_path, """
+        apps:
+          - {name: wild, prefix: /a, wsgi: x:app, hosts: ["*.example.com"]}
+          - {name: exact, prefix: /b, wsgi: x:app, hosts: [a.example.com]}
+    """))
+    text = render(cfg, {"wild": "/tmp/w.sock", "exact": "/tmp/e.sock"}, str(tmp_path / "run"))
+    exact_block = text.split("server_name a.example.com;", 1)[1].split("server_name", 1)[0]
+    assert "location /a/" in exact_block and "location /b/" in exact_block
+    errors = errors_of(write(tmp_path, """
+        apps:
+          - {name: a, prefix: /x, wsgi: x:app, hosts: [a.example.com]}
+          - {name: b, prefix: /x, wsgi: x:app}
+          - {name: c, prefix: /y, wsgi: x:app, hosts: ["*.example.com"]}
+          - {name: d, prefix: /y, wsgi: x:app, hosts: [b.example.com]}
+    """, "dup.yaml"))
+    joined = "\n".join(errors)
+    assert "apps[1].prefix: duplicate prefix '/x' for host 'a.example.com' (also apps[0])" \
+        in joined
+    assert "apps[3].prefix: duplicate prefix '/y' for host 'b.example.com' (also apps[2])" \
+        in joined
