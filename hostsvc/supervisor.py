@@ -36,7 +36,7 @@ import socket
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from . import config as configmod
 from .config import AppConfig, Config, ConfigError
@@ -51,6 +51,7 @@ BACKOFF_START, BACKOFF_MAX = 1.0, 30.0
 STABLE_AFTER = 30.0           # a pool up this long resets its crash counter
 CRASHLOOP_AFTER = 3           # consecutive failures before state says "crashloop"
 TICK = 0.25
+NGINX_AFTER = 5.0             # at start, nginx waits this long at most for slow pools
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
 UNIX_PATH_MAX = 107           # sun_path is 108 bytes on Linux, with the final NUL
 
@@ -246,7 +247,8 @@ class Supervisor:
 
     # -- start ----------------------------------------------------------------------------
     def start(self) -> bool:
-        """Start every pool, wait for them, then nginx. False if nginx cannot start."""
+        """Start every pool, wait for them (NGINX_AFTER at most: one slow app must not keep
+        the others offline), then nginx. False if nginx cannot start."""
         assert self.cfg is not None
         t0 = time.monotonic()
         log.info("starting %d apps from %s (runtime dir %s)...", len(self.cfg.apps),
@@ -254,7 +256,7 @@ class Supervisor:
         for app in self.cfg.apps:
             self.apps[app.name] = st = AppState(app, self._new_socket_path(app.name))
             self._start_pool(st)
-        self._wait_ready([st for st in self.apps.values()])
+        self._wait_ready([st for st in self.apps.values()], limit=NGINX_AFTER)
         self.nginx = Nginx(self.runtime_dir)
         try:
             self.nginx.write_config(self._render())
@@ -263,11 +265,15 @@ class Supervisor:
             log.error("%s", _fmt("nginx_failed", error=exc))
             return False
         ready = [n for n, st in self.apps.items() if st.state == "running"]
-        failed = [n for n, st in self.apps.items() if st.state != "running"]
+        starting = [n for n, st in self.apps.items() if st.state == "starting"]
+        failed = [n for n, st in self.apps.items() if st.state not in ("running", "starting")]
         log.info("%s", _fmt("nginx_started", "nginx", self.nginx.pid))
-        summary = ("all apps ready" if not failed else
-                   f"{len(ready)} of {len(self.apps)} apps ready (not running: "
-                   f"{', '.join(failed)}; their prefixes answer 503)")
+        summary = ("all apps ready" if len(ready) == len(self.apps) else
+                   f"{len(ready)} of {len(self.apps)} apps ready ("
+                   + "; ".join(part for part in (
+                       f"still starting: {', '.join(starting)}" if starting else "",
+                       f"not running: {', '.join(failed)}" if failed else "") if part)
+                   + "; their prefixes answer 503 until they are)")
         log.info("nginx listening on %s, %s in %.1fs", ", ".join(self.cfg.listen), summary,
                  time.monotonic() - t0)
         self.write_state()
@@ -288,12 +294,14 @@ class Supervisor:
         log.info("%s", _fmt("starting", st.app.name, st.pool.pid, workers=st.app.workers,
                             socket=st.socket_path))
 
-    def _wait_ready(self, states: list[AppState]) -> None:
+    def _wait_ready(self, states: list[AppState], limit: float = START_TIMEOUT) -> None:
         """Block until each pool is ready or failed (a hung start fails after
-        START_TIMEOUT in _check_pool); TERM/INT cut the wait short."""
-        while any(st.state == "starting" for st in states):
-            for st in states:
-                self._check_pool(st)
+        START_TIMEOUT in _check_pool), `limit` seconds at most; TERM/INT cut it short.
+        The serving apps are watched meanwhile, so a crash elsewhere during a reload is
+        restarted as usual instead of waiting for the reload to finish."""
+        deadline = time.monotonic() + limit
+        while any(st.state == "starting" for st in states) and time.monotonic() < deadline:
+            self._check_pools(states)
             self._state_snapshot = self.state()
             if self._stop_requested():
                 return
@@ -310,13 +318,18 @@ class Supervisor:
                     return
                 if sig == signal.SIGHUP:
                     self.reload("SIGHUP")
-            for st in self.apps.values():
-                self._check_pool(st)
+            self._check_pools()
             self._check_draining()
             self._check_nginx()
             if self.watch:
                 self._check_config_file()
             self.write_state()
+
+    def _check_pools(self, extra: Sequence[AppState] = ()) -> None:
+        """_check_pool for every serving app, and for `extra` (a reload's new pools)."""
+        serving = list(self.apps.values())
+        for st in serving + [st for st in extra if not any(st is s for s in serving)]:
+            self._check_pool(st)
 
     def _sleep(self, seconds: float) -> None:
         try:
@@ -534,6 +547,7 @@ class Supervisor:
         deadline = started + self.cfg.grace_period + 5
         while time.monotonic() < deadline and set(children_of(self.nginx.pid)) & before \
                 and not self._stop_requested():
+            self._check_pools()     # apps keep being restarted while old workers drain
             self._sleep(0.05)
         log.info("%s", _fmt("nginx_reloaded", "nginx", self.nginx.pid))
         return True

@@ -161,3 +161,71 @@ def test_pool_sockets_are_private_to_the_service_user(hostsvc) -> None:
         mode = stat.S_IMODE(os.stat(app["socket"]).st_mode)
         assert mode & 0o077 == 0, oct(mode)
     assert svc.get_json("/echo/")["app"] == "echo"   # nginx still reaches them
+
+
+SLOW_BOOT = """
+import sys, time
+if "gunicorn.arbiter" in sys.modules:   # slow in its pool only, not in the import check
+    time.sleep(12)
+
+def app(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"slow is up"]
+"""
+
+
+def test_one_slow_app_does_not_keep_the_others_offline(hostsvc, tmp_path: Path) -> None:
+    """Review finding: nginx started only once every pool was ready, so an app taking
+    long to boot kept every other app offline as long."""
+    (tmp_path / "slowboot.py").write_text(SLOW_BOOT)
+    svc = hostsvc("""
+        listen: 127.0.0.1:{port}
+        python_path: [{apps}, .]
+        apps:
+          - name: echo
+            wsgi: echo:app
+          - name: slow
+            wsgi: slowboot:app
+            workers: 1
+    """, wait=False)
+    wait_for(lambda: svc.state().get("nginx", {}).get("state") == "running", timeout=30,
+             what="nginx to start")
+    assert svc.state()["apps"]["slow"]["state"] == "starting"
+    assert svc.get_json("/echo/")["app"] == "echo"
+    assert svc.request("/slow/")[0] == 503
+    assert "still starting: slow" in svc.stderr()
+    wait_for(lambda: svc.state()["apps"]["slow"]["state"] == "running", timeout=60,
+             what="slow to finish booting")
+    assert svc.request("/slow/")[2] == b"slow is up"
+
+
+def test_a_crash_during_a_reload_is_restarted_without_waiting_for_it(hostsvc,
+                                                                     tmp_path: Path) -> None:
+    """Review finding: while a reload waited for a new pool, a neighbour that crashed
+    stayed down (503) until the reload finished."""
+    (tmp_path / "slowboot.py").write_text(SLOW_BOOT)
+    config = """
+        listen: 127.0.0.1:{port}
+        python_path: [{apps}, .]
+        apps:
+          - name: echo
+            wsgi: echo:app
+    """
+    svc = hostsvc(config)
+    first = svc.state()["apps"]["echo"]["pid"]
+    svc.write_config(config + """
+          - name: slow
+            wsgi: slowboot:app
+            workers: 1
+    """)
+    os.kill(svc.proc.pid, signal.SIGHUP)
+    wait_for(lambda: "slow" in svc.state()["apps"] or "app=slow" in svc.stderr(),
+             timeout=30, what="the reload to start the new pool")
+    os.kill(first, signal.SIGKILL)
+    wait_for(lambda: "app=echo event=restarting" in svc.stderr()
+             and svc.request("/echo/")[0] == 200, timeout=10,
+             what="echo to be restarted and serve while the reload still waits")
+    assert "event=reloaded" not in svc.stderr()      # the reload is still waiting
+    assert svc.get_json("/echo/")["app"] == "echo"
+    wait_for(lambda: "event=reloaded" in svc.stderr(), timeout=60, what="the reload")
+    assert svc.request("/slow/")[2] == b"slow is up"
