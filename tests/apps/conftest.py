@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from support.paths import DEFAULT_CONFIG as CONFIG
+from support.paths import REPO as ROOT
+
 APPS = str(ROOT / "apps")
-CONFIG = ROOT / "config" / "hostsvc.yaml"
 if APPS not in sys.path:
     sys.path.insert(0, APPS)
 INTEGRATION = str(ROOT / "tests" / "integration")

@@ -10,7 +10,7 @@ import re
 import pytest
 import yaml
 
-from conftest import CONFIG
+from support.paths import DEFAULT_CONFIG as CONFIG
 from harness import wait_for
 
 

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CONFIG, ROOT
+from support.paths import DEFAULT_CONFIG as CONFIG
+from support.paths import REPO as ROOT
 from harness import descendants, proc_stat, survivors, wait_for
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
