@@ -1,12 +1,14 @@
 """The framework benchmark (issue #2, speed): is hostsvc.web cheap enough to serve?
 
-One command serves each app of ``bench/apps.py`` on gunicorn (sync, 2 workers) and on
+One command serves each app of ``bench/apps.py`` on gunicorn (sync, 2 workers), on
+granian (2 workers, issue #7's fast engine; the raw and hostsvc.web apps only) and on
 CherryPy's own server (10 threads), loads them with wrk on loopback in interleaved
-rounds, and prints requests/s, p50 and p99 per row, the ratios the issue sets targets
+rounds, and prints requests/s, p50 and p99 per row, the ratios the issues set targets
 for, and the framework's own cost per request measured in-process (no server, no
 sockets), which is the number the framework owner can act on.
 
-    .venv/bin/python bench/web.py [--duration 8] [--connections 32] [--quick] [--profile]
+    .venv/bin/python bench/web.py [--duration 8] [--connections 32] [--granian-threads 1]
+                                  [--quick] [--profile]
 
 Only ratios within one run mean anything: absolute req/s move with machine load.
 """
@@ -41,6 +43,11 @@ HELLO_PATH = "/"
 ITEM_PATH = "/item/42?q=x"
 TARGET_B_OVER_A = 0.8
 TARGET_B_OVER_CHERRYPY = 2.0
+# Issue #7: on granian the server costs so little that the framework's cost shows.
+TARGET_B_OVER_A_GRANIAN = 0.5
+# Python threads per granian worker. One, like a gunicorn sync worker: the bench apps
+# never block, so more threads only contend for the GIL (see bench/README.md).
+GRANIAN_THREADS = 1
 # More distinct /item/<id> URLs than hostsvc.web's per-URL route cache keeps (4096 today).
 DISTINCT_IDS = 10_000
 
@@ -63,8 +70,11 @@ CASES = (
     Case("d", "CherryPy hello", "cherrypy", HELLO_PATH, apps.HELLO),
     Case("e", "CherryPy path+query", "cherrypy", ITEM_PATH, b"item 42 q=x"),
 )
-SERVERS = ("gunicorn", "cherrypy")
-SERVER_LABELS = {"gunicorn": "gunicorn sync x2", "cherrypy": "CherryPy server x10"}
+SERVERS = ("gunicorn", "granian", "cherrypy")
+SERVER_LABELS = {"gunicorn": "gunicorn sync x2", "granian": "granian wsgi x2",
+                 "cherrypy": "CherryPy server x10"}
+# The rows each server runs: issue #7 asks granian for the raw and hostsvc.web rows only.
+SERVER_CASES = {"gunicorn": "abcde", "granian": "abc", "cherrypy": "abcde"}
 
 
 @dataclass
@@ -87,18 +97,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def server_command(server: str, app: str, port: int) -> list[str]:
+def server_command(server: str, app: str, port: int,
+                   granian_threads: int = GRANIAN_THREADS) -> list[str]:
     """The command line that serves `app` on `server` at 127.0.0.1:`port`.
 
-    gunicorn runs as its own process group leader (an arbiter must not share our signals)
-    with its access log off (the default) and no control socket, so concurrent arbiters
-    of other engineers on this machine are not disturbed.
+    Each server runs as its own process group leader (an arbiter must not share our
+    signals) with its access log off (the default of both). gunicorn gets no control
+    socket, so concurrent arbiters of other engineers on this machine are not disturbed.
+    granian gets `granian_threads` blocking threads per worker (its default for WSGI is
+    hundreds, and it warns about that) and no websockets, which WSGI cannot use.
     """
     if server == "gunicorn":
         return [sys.executable, "-m", "gunicorn", "--workers", "2", "--worker-class", "sync",
                 "--bind", f"127.0.0.1:{port}", "--pythonpath", str(BENCH_DIR),
                 "--no-control-socket", "--graceful-timeout", "3", "--log-level", "warning",
                 f"apps:{apps.APP_SPECS[app]}"]
+    if server == "granian":
+        return [sys.executable, "-m", "granian", "--interface", "wsgi", "--workers", "2",
+                "--blocking-threads", str(granian_threads), "--host", "127.0.0.1",
+                "--port", str(port), "--no-ws", "--log-level", "warning",
+                "--working-dir", str(BENCH_DIR), f"apps:{apps.APP_SPECS[app]}"]
     return [sys.executable, str(BENCH_DIR / "apps.py"), app, str(port)]
 
 
@@ -122,14 +140,17 @@ def wait_ready(url: str, expect: bytes, proc: subprocess.Popen, timeout: float =
 
 
 @contextlib.contextmanager
-def serving(server: str, app: str, probe: Case) -> Iterator[int]:
+def serving(server: str, app: str, probe: Case, granian_threads: int = GRANIAN_THREADS
+            ) -> Iterator[int]:
     """Run one server in its own process group for the duration of the block; yield its port.
 
-    Stopping sends SIGTERM to that group (gunicorn's graceful stop, CherryPy's engine exit)
-    and SIGKILLs it only if it lingers, so no server outlives the benchmark.
+    Stopping sends SIGTERM to that group (gunicorn's and granian's graceful stop,
+    CherryPy's engine exit) and SIGKILLs it only if it lingers, so no server outlives
+    the benchmark.
     """
     port = free_port()
-    proc = subprocess.Popen(server_command(server, app, port), cwd=BENCH_DIR.parent,
+    proc = subprocess.Popen(server_command(server, app, port, granian_threads),
+                            cwd=BENCH_DIR.parent,
                             stdout=subprocess.DEVNULL, start_new_session=True)
     try:
         wait_ready(f"http://127.0.0.1:{port}{probe.path}", probe.expect, proc)
@@ -186,26 +207,30 @@ def run_wrk(url: str, seconds: int, connections: int) -> str:
                           timeout=seconds + 30).stdout
 
 
-def measure_servers(duration: int, connections: int, warmup: int) -> list[Result]:
-    """Every case on every server, the load interleaved in `duration` rounds of 1 s.
+def measure_servers(duration: int, connections: int, warmup: int,
+                    granian_threads: int = GRANIAN_THREADS) -> list[Result]:
+    """Every server's cases, the load interleaved in `duration` rounds of 1 s.
 
-    All servers start first (idle sync workers cost nothing); then each round gives every
+    All servers start first (idle workers cost nothing); then each round gives every
     row one second in turn. Other work on the machine comes and goes, so measuring row
     after row would charge a burst of it to whichever row ran then; interleaving spreads
     it over all rows, which keeps the ratios honest. Each round starts one row later, so
     no row always runs right after the same server and inherits what that one leaves
     behind (connections closing, threads winding down). A row's figures are the median
     of its rounds. One second is enough per slice: sync workers have no keep-alive, so
-    every request opens its own connection and there is no ramp-up to amortise.
+    every request opens its own connection, and granian's 32 kept-alive connections are
+    opened once at the start of the slice, so there is no ramp-up to amortise.
     """
-    targets = [(server, case) for server in SERVERS for case in CASES]
+    targets = [(server, case) for server in SERVERS for case in CASES
+               if case.key in SERVER_CASES[server]]
     samples: dict[tuple[str, str], list[tuple[float, float, float, int]]] = {}
     with contextlib.ExitStack() as stack:
         ports = {}
         for server in SERVERS:
-            for app in dict.fromkeys(c.app for c in CASES):
+            for app in dict.fromkeys(case.app for s, case in targets if s == server):
                 probe = next(c for c in CASES if c.app == app)
-                ports[server, app] = stack.enter_context(serving(server, app, probe))
+                ports[server, app] = stack.enter_context(
+                    serving(server, app, probe, granian_threads))
         urls = {(server, case.key): f"http://127.0.0.1:{ports[server, case.app]}{case.path}"
                 for server, case in targets}
         if warmup:
@@ -233,7 +258,7 @@ def format_row(r: Result) -> str:
 
 
 def ratio_lines(results: list[Result]) -> list[str]:
-    """The ratios issue #2 asks for, with PASS/MISS where it sets a target."""
+    """The ratios issues #2 and #7 ask for, with PASS/MISS where they set a target."""
     rps = {(r.case.key, r.server): r.rps for r in results}
 
     def line(name: str, num: tuple[str, str], den: tuple[str, str],
@@ -243,8 +268,12 @@ def ratio_lines(results: list[Result]) -> list[str]:
         goal = f"target >= {target:.2f}" if target is not None else "no target"
         return f"ratio {name:<50} {value:6.2f}x  {goal:<14} {verdict}"
 
-    g, c = "gunicorn", "cherrypy"
+    g, gr, c = "gunicorn", "granian", "cherrypy"
     return [
+        line("b/a  hostsvc hello / raw WSGI (granian)", ("b", gr), ("a", gr),
+             TARGET_B_OVER_A_GRANIAN),
+        line("c/a  hostsvc path+query / raw WSGI (granian)", ("c", gr), ("a", gr), None),
+        line("a/a  raw WSGI, granian / gunicorn", ("a", gr), ("a", g), None),
         line("b/a  hostsvc hello / raw WSGI (gunicorn)", ("b", g), ("a", g), TARGET_B_OVER_A),
         line("c/a  hostsvc path+query / raw WSGI (gunicorn)", ("c", g), ("a", g), None),
         line("b/d  hostsvc hello / CherryPy hello (gunicorn)", ("b", g), ("d", g),
@@ -367,6 +396,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=int, default=8, help="seconds of load per row")
     parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--granian-threads", type=int, default=GRANIAN_THREADS,
+                        help=f"blocking threads per granian worker (default {GRANIAN_THREADS})")
     parser.add_argument("--quick", action="store_true",
                         help="1 s per row, no warm-up run, short in-process timing (smoke test)")
     parser.add_argument("--profile", action="store_true",
@@ -379,8 +410,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"hostsvc.web framework benchmark  {time.strftime('%Y-%m-%d %H:%M:%S %Z')}  "
           f"{os.cpu_count()} cores  load average {os.getloadavg()[0]:.2f}")
     print(f"wrk -t1 -c{args.connections} --latency on loopback: {duration} interleaved "
-          f"round(s) of 1 s per row, warm-up {warmup} s per row; median of rounds\n")
-    results = measure_servers(duration, args.connections, warmup)
+          f"round(s) of 1 s per row, warm-up {warmup} s per row; median of rounds; "
+          f"granian {args.granian_threads} blocking thread(s) per worker\n")
+    results = measure_servers(duration, args.connections, warmup, args.granian_threads)
     for result in results:
         print(format_row(result))
     print()

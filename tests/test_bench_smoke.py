@@ -23,15 +23,18 @@ def test_quick_benchmark_prints_every_row_and_ratio() -> None:
     assert proc.returncode == 0, out + proc.stderr
 
     rows = ROW.findall(out)
-    # 5 cases (a-e) on 2 servers (gunicorn sync, CherryPy's own server).
-    assert sorted(key for key, _, _ in rows) == sorted("abcde" * 2), out
+    # 5 cases (a-e) on gunicorn sync and on CherryPy's own server, a-c on granian.
+    assert sorted(key for key, _, _ in rows) == sorted("abcde" * 2 + "abc"), out
+    assert len(re.findall(r"^[abc]  .* granian wsgi x2 ", out, re.M)) == 3, out
     for key, rps, _errors in rows:
         assert float(rps) > 0, f"row {key} served nothing:\n{out}"
 
-    for name in ("b/a ", "c/a ", "b/d ", "c/e ", "a/d ", "b/d' ", "d'/d "):
+    for name in ("b/a  hostsvc hello / raw WSGI (granian)", "c/a  hostsvc path+query / raw "
+                 "WSGI (granian)", "a/a  raw WSGI, granian / gunicorn", "b/a  hostsvc hello / "
+                 "raw WSGI (gunicorn)", "c/a ", "b/d ", "c/e ", "a/d ", "b/d' ", "d'/d "):
         assert re.search(rf"^ratio {re.escape(name)}.*\d+\.\d+x .*(PASS|MISS|info)$", out,
                          re.M), f"missing ratio {name}:\n{out}"
-    assert len(re.findall(r"^ratio .*(PASS|MISS)$", out, re.M)) == 2, out
+    assert len(re.findall(r"^ratio .*(PASS|MISS)$", out, re.M)) == 3, out
 
     for key in ("b ", "c ", "d ", "e ", "c'", "e'"):
         assert re.search(rf"^us/call  {key} .*framework cost\s+-?[\d.]+ us/request$", out,
