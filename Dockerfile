@@ -15,9 +15,9 @@ COPY pyproject.toml README.md* ./
 COPY hostsvc ./hostsvc
 RUN python -m pip wheel --no-deps --wheel-dir /wheels . \
  && python -m venv /opt/hostsvc \
- && /opt/hostsvc/bin/pip install --no-index --find-links /wheels -r requirements.lock "hostsvc[redis]" \
+ && /opt/hostsvc/bin/pip install --no-index --find-links /wheels -r requirements.lock "hostsvc[redis,granian]" \
  && /opt/hostsvc/bin/pip uninstall -y pip setuptools \
- && /opt/hostsvc/bin/python -c "import hostsvc.cli, gunicorn, yaml, prometheus_client, multipart, redis"
+ && /opt/hostsvc/bin/python -c "import hostsvc.cli, gunicorn, granian, yaml, prometheus_client, multipart, redis"
 
 # -- final: python + nginx + tini + the venv; no compilers, no pip cache, no apt lists ------------
 FROM ${PYTHON_IMAGE}

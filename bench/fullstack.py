@@ -1,14 +1,19 @@
-"""The full-stack benchmark (issues #3 and #4): what does hosting through hostsvc cost?
+"""The full-stack benchmark (issues #3, #4, #7): what does hosting through hostsvc cost,
+and what does the granian engine buy?
 
 One command runs, in one process and interleaved so machine noise falls on every row:
 
   A  bare gunicorn (sync, 2 workers) serving a raw WSGI hello over TCP: the baseline
-  B  `hostsvc run`: nginx -> the app's pool (sync, 2 workers, unix socket) -> hostsvc.web
-     hello tree, with request metrics on
+  B  `hostsvc run`: nginx -> the app's pool (gunicorn sync, 2 workers, unix socket) ->
+     hostsvc.web hello tree, with request metrics on
   C  the same with request metrics off (the metrics server still runs)
+  D  bare granian (2 workers, 1 blocking thread each) serving the raw WSGI hello
+  E  as B with `engine: granian` (2 workers, 1 thread; nginx keeps upstream connections)
+  F  as E with request metrics off
 
-and prints requests/s, p50/p99, B/A (target >= 0.75) and the metrics cost 1 - B/C
-(target < 5%). Then it starts hostsvc with 10 apps and times `hostsvc run` until all of
+and prints requests/s, p50/p99, B/A (target >= 0.75), the metrics cost 1 - B/C
+(target < 5%), E/B, the full stack on granian over the full stack on gunicorn (target
+>= 2.5), and E/D and 1 - E/F for the same questions on granian. Then it starts hostsvc with 10 apps and times `hostsvc run` until all of
 them answer through nginx (target < 3 s), and prints the RSS (and PSS, which does not
 count pages shared between forked workers twice) of the supervisor and of one idle pool.
 
@@ -44,7 +49,8 @@ TARGET_STARTUP_S = 3.0
 STARTUP_APPS = 10
 
 
-def write_config(directory: Path, port: int, n_apps: int, metrics: bool) -> Path:
+def write_config(directory: Path, port: int, n_apps: int, metrics: bool,
+                 engine: str = "gunicorn") -> Path:
     """A hostsvc config serving bench/apps.py's hello tree `n_apps` times (/app0/, ...)."""
     lines = [f"listen: 127.0.0.1:{port}", f"runtime_dir: {directory / 'run'}",
              "access_log: off            # bare gunicorn writes no access log either",
@@ -54,19 +60,21 @@ def write_config(directory: Path, port: int, n_apps: int, metrics: bool) -> Path
              f"  requests: {'true' if metrics else 'false'}",
              "apps:"]
     for i in range(n_apps):
-        lines += [f"  - name: app{i}", f"    root: apps:HostsvcRoot", "    workers: 2"]
+        lines += [f"  - name: app{i}", f"    root: apps:HostsvcRoot", "    workers: 2",
+                  f"    engine: {engine}"]
     path = directory / "hostsvc.yaml"
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
 @contextlib.contextmanager
-def hostsvc(n_apps: int, metrics: bool = True) -> Iterator[tuple[int, Path, float]]:
+def hostsvc(n_apps: int, metrics: bool = True, engine: str = "gunicorn"
+            ) -> Iterator[tuple[int, Path, float]]:
     """Run `hostsvc run` on a fresh config; yield (port, runtime dir, seconds until every
     app answered through nginx). Stops it with SIGTERM (SIGKILL if it lingers)."""
     with tempfile.TemporaryDirectory(prefix="hostsvc-bench-") as tmp:
         port = free_port()
-        config = write_config(Path(tmp), port, n_apps, metrics)
+        config = write_config(Path(tmp), port, n_apps, metrics, engine)
         t0 = time.monotonic()
         proc = subprocess.Popen([sys.executable, "-m", "hostsvc", "run", str(config)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -94,14 +102,40 @@ def memory_kib(pid: int) -> tuple[int, int]:
     return rss, pss
 
 
+def read_state(runtime: Path, timeout: float = 10) -> dict:
+    """state.json once the supervisor has written it with the workers of every app (it
+    writes on its next tick after the apps are ready, so right after start it may lag)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            state = json.loads((runtime / "state.json").read_text())
+            if all(a["worker_pids"] for a in state["apps"].values()):
+                return state
+        except FileNotFoundError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no state.json with live workers in {runtime}")
+        time.sleep(0.2)
+
+
+def pool_memory(app_state: dict) -> tuple[int, int, int]:
+    """(workers, RSS KiB, PSS KiB) of one pool: its main process and its workers."""
+    mem = [memory_kib(pid) for pid in [app_state["pid"], *app_state["worker_pids"]]]
+    return len(mem) - 1, sum(m[0] for m in mem), sum(m[1] for m in mem)
+
+
 def measure_load(duration: int, connections: int, warmup: int) -> dict[str, tuple]:
-    """Rows A, B, C loaded in interleaved 1 s rounds (see bench/web.py for why)."""
+    """Rows A-F loaded in interleaved 1 s rounds (see bench/web.py for why)."""
     probe = Case("a", "raw WSGI hello", "raw", "/", apps.HELLO)
-    samples: dict[str, list[tuple[float, float, float, int]]] = {"A": [], "B": [], "C": []}
-    with serving("gunicorn", "raw", probe) as bare, hostsvc(1, True) as (on, _, _), \
-            hostsvc(1, False) as (off, _, _):
-        urls = {"A": f"http://127.0.0.1:{bare}/", "B": f"http://127.0.0.1:{on}/app0/",
-                "C": f"http://127.0.0.1:{off}/app0/"}
+    samples: dict[str, list[tuple[float, float, float, int]]] = {k: [] for k in LABELS}
+    with contextlib.ExitStack() as stack:
+        ports = {"A": stack.enter_context(serving("gunicorn", "raw", probe)),
+                 "D": stack.enter_context(serving("granian", "raw", probe, 1))}
+        for key, engine, metrics in (("B", "gunicorn", True), ("C", "gunicorn", False),
+                                     ("E", "granian", True), ("F", "granian", False)):
+            ports[key] = stack.enter_context(hostsvc(1, metrics, engine))[0]
+        urls = {k: f"http://127.0.0.1:{ports[k]}" + ("/" if k in "AD" else "/app0/")
+                for k in LABELS}
         for url in urls.values():
             run_wrk(url, warmup, connections)
         order = list(urls)
@@ -114,8 +148,12 @@ def measure_load(duration: int, connections: int, warmup: int) -> dict[str, tupl
 
 
 LABELS = {"A": "bare gunicorn sync x2, raw WSGI hello",
-          "B": "hostsvc run: nginx -> pool -> web hello, metrics on",
-          "C": "hostsvc run: nginx -> pool -> web hello, metrics off"}
+          "B": "hostsvc: nginx -> gunicorn pool -> web hello, metrics on",
+          "C": "hostsvc: nginx -> gunicorn pool -> web hello, metrics off",
+          "D": "bare granian x2, raw WSGI hello",
+          "E": "hostsvc: nginx -> granian pool -> web hello, metrics on",
+          "F": "hostsvc: nginx -> granian pool -> web hello, metrics off"}
+TARGET_GRANIAN_OVER_GUNICORN = 2.5
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,29 +172,39 @@ def main(argv: list[str] | None = None) -> int:
     for key, (rps, p50, p99, errors) in rows.items():
         print(f"{key}  {LABELS[key]:<54} {rps:>10.1f} req/s  p50 {p50:>7.2f} ms  "
               f"p99 {p99:>8.2f} ms  errors {errors}")
-    stack = rows["B"][0] / rows["A"][0] if rows["A"][0] else 0.0
-    cost = 1 - rows["B"][0] / rows["C"][0] if rows["C"][0] else 0.0
+    def ratio(num: str, den: str) -> float:
+        return rows[num][0] / rows[den][0] if rows[den][0] else 0.0
+
+    def verdict(ok: bool) -> str:
+        return "PASS" if ok else "MISS"
+
+    stack, cost = ratio("B", "A"), 1 - ratio("B", "C")
+    engines = ratio("E", "B")
     print()
     print(f"ratio B/A  full stack / bare gunicorn         {stack:6.2f}x  target >= "
-          f"{TARGET_STACK_OVER_BARE:.2f}  {'PASS' if stack >= TARGET_STACK_OVER_BARE else 'MISS'}")
-    print(f"metrics cost 1 - B/C                          {cost * 100:6.1f} %  target <  "
-          f"{TARGET_METRICS_COST * 100:.0f} %  {'PASS' if cost < TARGET_METRICS_COST else 'MISS'}")
+          f"{TARGET_STACK_OVER_BARE:.2f}  {verdict(stack >= TARGET_STACK_OVER_BARE)}")
+    print(f"metrics cost 1 - B/C  (gunicorn)              {cost * 100:6.1f} %  target <  "
+          f"{TARGET_METRICS_COST * 100:.0f} %  {verdict(cost < TARGET_METRICS_COST)}")
+    print(f"ratio E/B  full stack granian / gunicorn      {engines:6.2f}x  target >= "
+          f"{TARGET_GRANIAN_OVER_GUNICORN:.2f}  {verdict(engines >= TARGET_GRANIAN_OVER_GUNICORN)}")
+    print(f"ratio E/D  full stack / bare granian          {ratio('E', 'D'):6.2f}x")
+    print(f"metrics cost 1 - E/F  (granian)               {(1 - ratio('E', 'F')) * 100:6.1f} %")
 
     with hostsvc(STARTUP_APPS) as (_, runtime, ready):
-        state = json.loads((runtime / "state.json").read_text())
+        state = read_state(runtime)
         sup = memory_kib(state["supervisor_pid"])
-        pool = state["apps"]["app0"]
-        pool_pids = [pool["pid"], *pool["worker_pids"]]
-        pool_mem = [memory_kib(pid) for pid in pool_pids]
+        pools = {"gunicorn": pool_memory(state["apps"]["app0"])}
         nginx_pid = state["nginx"]["pid"]
         nginx = memory_kib(nginx_pid) if nginx_pid else (0, 0)
+    with hostsvc(1, engine="granian") as (_, runtime, _):
+        pools["granian"] = pool_memory(read_state(runtime)["apps"]["app0"])
     print(f"startup    hostsvc run -> {STARTUP_APPS} apps answering via nginx  {ready:6.2f} s"
-          f"      target <  {TARGET_STARTUP_S:.0f} s   {'PASS' if ready < TARGET_STARTUP_S else 'MISS'}")
+          f"      target <  {TARGET_STARTUP_S:.0f} s   {verdict(ready < TARGET_STARTUP_S)}")
     print(f"memory     supervisor                       RSS {sup[0] / 1024:7.1f} MiB  "
           f"PSS {sup[1] / 1024:7.1f} MiB")
-    print(f"memory     one idle pool (arbiter + {len(pool_pids) - 1} workers)  "
-          f"RSS {sum(m[0] for m in pool_mem) / 1024:7.1f} MiB  "
-          f"PSS {sum(m[1] for m in pool_mem) / 1024:7.1f} MiB")
+    for engine, (workers, rss, pss) in pools.items():
+        print(f"memory     idle {engine} pool (main + {workers} workers) "
+              f"RSS {rss / 1024:7.1f} MiB  PSS {pss / 1024:7.1f} MiB")
     print(f"memory     nginx master                     RSS {nginx[0] / 1024:7.1f} MiB  "
           f"PSS {nginx[1] / 1024:7.1f} MiB")
     print(f"load average at the end {os.getloadavg()[0]:.2f}")

@@ -11,6 +11,7 @@ This module does no process work and imports no app: `hostsvc.loader` checks imp
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 from dataclasses import asdict, dataclass, field
@@ -45,7 +46,7 @@ class ConfigError(Exception):
 
 @dataclass
 class AppConfig:
-    """One app: what to load, where it is mounted, and its gunicorn pool settings."""
+    """One app: what to load, where it is mounted, and its pool's engine and settings."""
 
     name: str
     prefix: str
@@ -53,6 +54,7 @@ class AppConfig:
     target: str                    # "package.module:attr"
     hosts: list[str] = field(default_factory=list)
     config: dict[str, dict[str, Any]] = field(default_factory=dict)
+    engine: str = "gunicorn"       # the pool's server, one of ENGINES
     workers: int = 2
     threads: int = 1
     timeout: float = 30
@@ -60,6 +62,7 @@ class AppConfig:
     keepalive: int = 75
     max_requests: int = 0
     max_requests_jitter: int = 0
+    worker_lifetime: int = 0       # granian: respawn each worker after N s (0: never)
     env: dict[str, str] = field(default_factory=dict)
     python_path: list[str] = field(default_factory=list)   # absolute, resolved
     client_max_body_size: str = "1m"
@@ -67,6 +70,12 @@ class AppConfig:
     line: int = 0                  # line of the app entry, for messages
     target_line: int = 0           # line of root:/wsgi:, for import errors
     index: int = 0
+
+    @property
+    def upstream_keepalive(self) -> bool:
+        """Whether the pool serves more than one request per connection, so nginx should
+        keep connections to it open: gunicorn's sync worker closes after each one."""
+        return self.engine != "gunicorn" or self.threads > 1
 
     def fingerprint(self) -> dict[str, Any]:
         """What decides whether a reload must replace this app's pool (lines excluded)."""
@@ -338,13 +347,29 @@ def _host(v: Any) -> str | None:
     return v.lower() if isinstance(v, str) and HOST_RE.match(v) else None
 
 
-APP_KEYS = {"name", "prefix", "hosts", "root", "wsgi", "config", "workers", "threads",
-            "timeout", "graceful_timeout", "keepalive", "max_requests",
-            "max_requests_jitter", "env", "python_path", "client_max_body_size", "metrics"}
+APP_KEYS = {"name", "prefix", "hosts", "root", "wsgi", "config", "engine", "workers",
+            "threads", "timeout", "graceful_timeout", "keepalive", "max_requests",
+            "max_requests_jitter", "worker_lifetime", "env", "python_path",
+            "client_max_body_size", "metrics"}
+ENGINES = ("gunicorn", "granian")
+# Settings that only one engine has, and what to use on the other one instead.
+ENGINE_ONLY = {
+    "keepalive": ("gunicorn", "granian keeps connections to nginx open until nginx closes "
+                              "them (after 60 s idle); remove keepalive"),
+    "max_requests": ("gunicorn", "granian cannot count requests per worker; use "
+                                 "worker_lifetime: SECONDS (>= 60) to respawn workers"),
+    "max_requests_jitter": ("gunicorn", "remove it (granian has no max_requests)"),
+    "worker_lifetime": ("granian", "gunicorn respawns workers by request count; use "
+                                   "max_requests: N instead"),
+}
 TOP_KEYS = {"listen", "runtime_dir", "access_log", "client_max_body_size", "grace_period",
-            "nginx_workers", "python_path", "apps", "static", "metrics"}
+            "nginx_workers", "python_path", "engine", "apps", "static", "metrics"}
 METRICS_KEYS = {"listen", "requests", "expose_on_main", "allow"}
 STATIC_KEYS = {"prefix", "path", "hosts", "expires"}
+
+
+def _engine(v: Any) -> str | None:
+    return v if v in ENGINES else None
 
 
 def _bool(v: Any) -> bool | None:
@@ -402,7 +427,8 @@ def _check_metrics(c: _Checker, doc: Mapping, environ: dict[str, str] | None
 
 
 def _check_app(c: _Checker, entry: Any, i: int, line: int, top_paths: list[str],
-               body_size: str, request_metrics: bool = True) -> AppConfig | None:
+               body_size: str, request_metrics: bool = True, default_engine: str = "gunicorn"
+               ) -> AppConfig | None:
     where = f"apps[{i}]."
     if not isinstance(entry, Mapping):
         c.error(line, f"apps[{i}]", f"expected a mapping with name/prefix and root or wsgi, "
@@ -445,11 +471,15 @@ def _check_app(c: _Checker, entry: Any, i: int, line: int, top_paths: list[str],
                     isinstance(k, str) and not isinstance(x, (list, dict))
                     for k, x in v.items()) else None, {})
     paths = c.get(entry, "python_path", where, "a list of directories", _string_list, [])
+    engine = c.get(entry, "engine", where, "one of " + ", ".join(ENGINES), _engine,
+                   default_engine)
+    _check_engine(c, entry, where, engine)
     app = AppConfig(
         name=name, prefix=prefix, kind=kind, target=target or "",
         hosts=c.get(entry, "hosts", where, "a list of host names", lambda v: _string_list(
             v, _host), []),
         config={k: dict(v) for k, v in app_cfg.items()},
+        engine=engine,
         workers=c.get(entry, "workers", where, "a positive integer", _positive_int, 2),
         threads=c.get(entry, "threads", where, "a positive integer", _positive_int, 1),
         timeout=c.get(entry, "timeout", where, "a positive number of seconds",
@@ -462,6 +492,10 @@ def _check_app(c: _Checker, entry: Any, i: int, line: int, top_paths: list[str],
                            _non_negative_int, 0),
         max_requests_jitter=c.get(entry, "max_requests_jitter", where, "an integer >= 0",
                                   _non_negative_int, 0),
+        worker_lifetime=c.get(entry, "worker_lifetime", where,
+                              "a whole number of seconds >= 60 (0: never)",
+                              lambda v: v if isinstance(v, int) and not isinstance(v, bool)
+                              and (v == 0 or v >= 60) else None, 0),
         env=env,
         python_path=[c.resolve_path(p) for p in paths] + top_paths,
         client_max_body_size=c.get(entry, "client_max_body_size", where,
@@ -471,6 +505,24 @@ def _check_app(c: _Checker, entry: Any, i: int, line: int, top_paths: list[str],
         line=entry.line, target_line=c.line_of(entry, kind), index=i,
     )
     return app
+
+
+def _check_engine(c: _Checker, entry: Mapping, where: str, engine: str) -> None:
+    """Settings the app's engine does not have are errors, not silently ignored ones."""
+    for key in entry:
+        only, instead = ENGINE_ONLY.get(key, (engine, ""))
+        if only != engine:
+            c.error(c.line_of(entry, key), where + key,
+                    f"not supported by engine {engine} (only by {only}): {instead}")
+    if "engine" in entry:
+        _check_installed(c, entry, where, engine)
+
+
+def _check_installed(c: _Checker, mapping: Mapping, where: str, engine: str) -> None:
+    if engine == "granian" and importlib.util.find_spec("granian") is None:
+        c.error(c.line_of(mapping, "engine"), where + "engine",
+                "engine granian needs the granian package, which is not installed: "
+                "pip install 'hostsvc[granian]' (or use engine: gunicorn)")
 
 
 def _check_static(c: _Checker, entry: Any, i: int, line: int) -> StaticMount | None:
@@ -526,6 +578,8 @@ def validate(doc: Any, source: str, base_dir: Path | None = None,
                       _size, "1m")
     top_paths = [c.resolve_path(p) for p in c.get(doc, "python_path", "",
                                                   "a list of directories", _string_list, [])]
+    engine = c.get(doc, "engine", "", "one of " + ", ".join(ENGINES), _engine, "gunicorn")
+    _check_installed(c, doc, "", engine)
     cfg = Config(
         path=os.path.abspath(source),
         listen=listen,
@@ -546,7 +600,7 @@ def validate(doc: Any, source: str, base_dir: Path | None = None,
     elif apps:
         for i, entry in enumerate(apps):
             app = _check_app(c, entry, i, apps.item_lines[i], top_paths, body_size,
-                             cfg.metrics.requests and cfg.metrics.enabled)
+                             cfg.metrics.requests and cfg.metrics.enabled, engine)
             if app:
                 cfg.apps.append(app)
     statics = doc.get("static")

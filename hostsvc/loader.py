@@ -1,6 +1,7 @@
-"""Importing `package.module:attribute` with extra import paths and errors a user can act on.
+"""From an app's config to the WSGI callable its pool serves.
 
-Why not importlib alone: a user's app lives in a folder mounted into the container, so
+`import_string` imports `package.module:attribute` with extra import paths and errors a
+user can act on. Why not importlib alone: a user's app lives in a folder mounted into the container, so
 its directory must go on sys.path first, and "ModuleNotFoundError: No module named 'x'"
 without saying which paths were searched (or that the module exists but the attribute
 does not) sends people hunting. LoadError messages say what was tried.
@@ -10,7 +11,10 @@ from __future__ import annotations
 import importlib
 import sys
 import traceback
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
+
+if TYPE_CHECKING:
+    from .config import AppConfig
 
 
 class LoadError(Exception):
@@ -58,3 +62,60 @@ def _last_frame(exc: BaseException) -> str:
     user = [f for f in frames if "importlib" not in f.filename]
     where = f" (at {user[-1].filename}:{user[-1].lineno})" if user else ""
     return f"{type(exc).__name__}: {exc}{where}"
+
+
+class PrefixMiddleware:
+    """Sets SCRIPT_NAME to the app's mount prefix and PATH_INFO to the rest.
+
+    Chosen over a trusted SCRIPT_NAME header from nginx because the prefix is fixed per
+    pool and known here: nothing depends on header trust or on how an engine treats that
+    header, the app sees the same environ whether reached through nginx or straight
+    through its socket (tests, probes), and a path outside the prefix is a clean 404.
+    """
+
+    def __init__(self, app: Callable[..., Any], prefix: str) -> None:
+        self.app = app
+        self.prefix = "" if prefix == "/" else prefix
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        prefix = self.prefix
+        if prefix:
+            path = environ.get("PATH_INFO", "")
+            if path == prefix or path.startswith(prefix + "/"):
+                environ["SCRIPT_NAME"] = prefix
+                environ["PATH_INFO"] = path[len(prefix):]
+            elif not environ.get("SCRIPT_NAME"):
+                start_response("404 Not Found", [("Content-Type", "text/plain")])
+                return [b"Not Found\n"]
+        return self.app(environ, start_response)
+
+
+def build_app(app: AppConfig) -> Callable[..., Any]:
+    """The WSGI callable for `app`: an object tree wrapped in hostsvc.web, or the callable.
+
+    Object trees get `tools.proxy.on: True` at "/" unless the config says otherwise, so
+    `web.request.remote.ip` and `web.url()` describe the client behind nginx. `root:` may
+    also name a ready `web.Application` (an app that ships its own per-path config, such
+    as a MethodDispatcher section): the YAML `config:` is merged over its own.
+    """
+    target = import_string(app.target, app.python_path)
+    if app.kind == "root":
+        from hostsvc import web
+
+        config = {path: dict(section) for path, section in app.config.items()}
+        script_name = "" if app.prefix == "/" else app.prefix
+        if isinstance(target, web.Application):
+            if "tools.proxy.on" not in target.config.get("/", {}):
+                config.setdefault("/", {}).setdefault("tools.proxy.on", True)
+            target.script_name = script_name
+            target.merge(config)
+            wsgi = target
+        else:
+            config.setdefault("/", {}).setdefault("tools.proxy.on", True)
+            root = target() if isinstance(target, type) else target
+            wsgi = web.Application(root, script_name, config)
+    else:
+        wsgi = target
+        if not callable(wsgi):
+            raise LoadError(f"{app.target} is a {type(wsgi).__name__}, not a WSGI callable")
+    return PrefixMiddleware(wsgi, app.prefix)

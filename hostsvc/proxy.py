@@ -70,7 +70,7 @@ def metrics_address(listen: str) -> str:
 
 def _app_locations(app: AppConfig, upstream_errors: bool = False) -> list[str]:
     upstream = f"app_{app.name}"
-    keepalive = app.threads > 1
+    keepalive = app.upstream_keepalive
     body = [
         f"set $hostsvc_app {app.name};",
         f"proxy_pass http://{upstream};",
@@ -203,7 +203,7 @@ def render(cfg: Config, sockets: dict[str, str], runtime_dir: str,
         access = "    access_log off;\n"
     upstreams = ""
     for app in cfg.apps:
-        keepalive = "\n        keepalive 16;" if app.threads > 1 else ""
+        keepalive = "\n        keepalive 16;" if app.upstream_keepalive else ""
         upstreams += (f"    upstream app_{app.name} {{\n        server unix:{sockets[app.name]} "
                       f"fail_timeout=0;{keepalive}\n    }}\n")
     hosts = sorted({h for m in [*cfg.apps, *cfg.static] for h in m.hosts})

@@ -40,7 +40,8 @@ from typing import Any, Sequence
 
 from . import config as configmod
 from .config import AppConfig, Config, ConfigError
-from .pool import Pool, check_apps, children_of, set_parent_death_signal
+from .pool import Pool, check_apps
+from .procs import children_of, set_parent_death_signal
 from .proxy import Nginx, NginxError, metrics_address, render
 
 log = logging.getLogger("hostsvc")

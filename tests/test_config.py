@@ -379,3 +379,72 @@ def test_wildcard_hosts_and_hostless_mounts_in_every_server_block(tmp_path: Path
         in joined
     assert "apps[3].prefix: duplicate prefix '/y' for host 'b.example.com' (also apps[2])" \
         in joined
+
+
+def test_engine_is_one_key_per_app_or_a_default_for_all(tmp_path: Path) -> None:
+    path = write(tmp_path, """
+        engine: granian
+        apps:
+          - {name: a, wsgi: a:app, threads: 4, worker_lifetime: 3600, graceful_timeout: 2}
+          - {name: b, wsgi: b:app, engine: gunicorn, max_requests: 100, keepalive: 5}
+          - {name: c, wsgi: c:app}
+    """)
+    a, b, c = load(path).apps
+    assert (a.engine, a.threads, a.worker_lifetime) == ("granian", 4, 3600)
+    assert (b.engine, b.max_requests, b.keepalive) == ("gunicorn", 100, 5)
+    assert c.engine == "granian"
+    assert load(write(tmp_path, "apps: [{name: d, wsgi: d:app}]", "d.yaml")).apps[0].engine \
+        == "gunicorn"
+
+
+def test_a_setting_the_engine_lacks_is_an_error_that_says_what_to_use(tmp_path: Path) -> None:
+    path = write(tmp_path, """
+        apps:
+          - name: fast
+            wsgi: a:app
+            engine: granian
+            keepalive: 5
+            max_requests: 1000
+          - name: classic
+            wsgi: b:app
+            worker_lifetime: 3600
+          - name: odd
+            wsgi: c:app
+            engine: uwsgi
+          - name: young
+            wsgi: d:app
+            engine: granian
+            worker_lifetime: 30
+    """)
+    assert errors_of(path) == [
+        f"{path}:5: apps[0].keepalive: not supported by engine granian (only by gunicorn): "
+        "granian keeps connections to nginx open until nginx closes them (after 60 s idle); "
+        "remove keepalive",
+        f"{path}:6: apps[0].max_requests: not supported by engine granian (only by gunicorn): "
+        "granian cannot count requests per worker; use worker_lifetime: SECONDS (>= 60) to "
+        "respawn workers",
+        f"{path}:9: apps[1].worker_lifetime: not supported by engine gunicorn (only by "
+        "granian): gunicorn respawns workers by request count; use max_requests: N instead",
+        f"{path}:12: apps[2].engine: expected one of gunicorn, granian, got 'uwsgi'",
+        f"{path}:16: apps[3].worker_lifetime: expected a whole number of seconds >= 60 "
+        "(0: never), got 30",
+    ]
+
+
+def test_nginx_keeps_connections_to_pools_that_can_reuse_them(tmp_path: Path) -> None:
+    """gunicorn's sync worker closes every connection; gthread and granian keep them."""
+    path = write(tmp_path, """
+        apps:
+          - {name: sync, wsgi: a:app}
+          - {name: gthread, wsgi: b:app, threads: 2}
+          - {name: fast, wsgi: c:app, engine: granian}
+    """)
+    text = render(load(path), {n: f"/r/{n}.sock" for n in ("sync", "gthread", "fast")}, "/r")
+    for name, keep in (("sync", False), ("gthread", True), ("fast", True)):
+        upstream = text[text.index(f"upstream app_{name} {{"):]
+        upstream = upstream[:upstream.index("}")]
+        assert ("keepalive 16;" in upstream) is keep, name
+        location = text[text.index(f"set $hostsvc_app {name};"):]
+        location = location[:location.index("error_page")]
+        assert ('proxy_set_header Connection "";' in location) is keep, name
+        assert ("proxy_set_header Connection close;" in location) is not keep, name

@@ -28,7 +28,7 @@ import pytest
 
 from hostsvc.metrics import (SPECS, MetricsServer, archive_process, exported_names,
                              instrument, prepare_multiproc_dir)
-from hostsvc.pool import children_of
+from hostsvc.procs import children_of
 from hostsvc.proxy import nginx_binary
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -4,6 +4,7 @@ Who calls what:
   supervisor, at start      prepare_multiproc_dir(path)      before any pool starts
   pool child (arbiter)      instrument(name, wsgi_app)       around the app it loads
                             gunicorn_hooks(name)             into the arbiter's settings
+                            worker_exited(name, pid, cause)  other engines, per worker exit
   supervisor                MetricsServer(state, listen, nginx_status_url).start()/stop()
 
 Every metric is declared once in `spec.SPECS`; docs/metrics.md describes them.
@@ -11,10 +12,11 @@ Every metric is declared once in `spec.SPECS`; docs/metrics.md describes them.
 from __future__ import annotations
 
 from .multiproc import (archive_dead_processes, archive_process, gunicorn_hooks,
-                        prepare_multiproc_dir)
+                        prepare_multiproc_dir, worker_exited)
 from .server import MetricsServer
 from .spec import SPECS, exported_names
 from .wsgi import instrument
 
 __all__ = ["MetricsServer", "SPECS", "archive_dead_processes", "archive_process",
-           "exported_names", "gunicorn_hooks", "instrument", "prepare_multiproc_dir"]
+           "exported_names", "gunicorn_hooks", "instrument", "prepare_multiproc_dir",
+           "worker_exited"]

@@ -1,4 +1,4 @@
-"""The multiprocess metrics directory: setup, gunicorn hooks, and archiving dead processes.
+"""The multiprocess metrics directory: setup, worker exits, and archiving dead processes.
 
 prometheus_client's multiprocess mode gives every process its own mmap files
 (`counter_<pid>.db`, `histogram_<pid>.db`, `gauge_livesum_<pid>.db`) and a scrape reads
@@ -184,6 +184,15 @@ def _take_exit_cause(path: str, pid: int) -> str | None:
         return None
 
 
+def worker_exited(app_name: str, pid: int, cause: str) -> None:
+    """In a pool's main process, after it reaped worker `pid`: count the restart by its
+    cause (crash, timeout, max_requests, lifetime; "shutdown" is a stop asked for, not a
+    restart) and retire the worker's files. Every engine reports its exits here."""
+    if cause != "shutdown":
+        mp_metrics()["hostsvc_worker_restarts_total"].labels(app_name, cause).inc()
+    archive_process(pid)
+
+
 def gunicorn_hooks(app_name: str) -> dict[str, Callable[..., Any]]:
     """Server hooks for one app's arbiter: restart counting and dead-worker cleanup.
 
@@ -209,13 +218,8 @@ def gunicorn_hooks(app_name: str) -> dict[str, Callable[..., Any]]:
             fh.write(cause)
 
     def child_exit(server: Any, worker: Any) -> None:
-        path = multiproc_dir()
-        cause = _take_exit_cause(path, worker.pid) or "crash"
-        if worker.aborted:
-            cause = "timeout"
-        if cause != "shutdown":
-            mp_metrics()["hostsvc_worker_restarts_total"].labels(app_name, cause).inc()
-        archive_process(worker.pid, path)
+        cause = _take_exit_cause(multiproc_dir(), worker.pid) or "crash"
+        worker_exited(app_name, worker.pid, "timeout" if worker.aborted else cause)
 
     return {"worker_abort": worker_abort, "worker_exit": worker_exit,
             "child_exit": child_exit}

@@ -84,7 +84,8 @@ def test_lock_pins_every_dependency_exactly() -> None:
             name, version = req.split("==")
             lock[re.sub(r"[-_.]+", "-", name).lower()] = version
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    wanted = project["dependencies"] + project["optional-dependencies"]["redis"]
+    extras = project["optional-dependencies"]
+    wanted = project["dependencies"] + extras["redis"] + extras["granian"]
     for dep in wanted:
         name = re.split(r"[<>=!~;\[ ]", dep, maxsplit=1)[0]
         assert re.sub(r"[-_.]+", "-", name).lower() in lock, f"{name} is not in requirements.lock"

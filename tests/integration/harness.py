@@ -93,8 +93,10 @@ class Service:
     """One `hostsvc run` under test."""
 
     def __init__(self, workdir: Path, config_text: str | None, watch: bool = False,
-                 config_name: str = "hostsvc.yaml", port: int | None = None) -> None:
+                 config_name: str = "hostsvc.yaml", port: int | None = None,
+                 engine: str | None = None) -> None:
         self.workdir = workdir
+        self.engine = engine
         self.port = port or free_port()
         # The metrics listener's default ($HOSTSVC_METRICS_LISTEN): a free port per
         # service, so tests (and anyone else's run) never share 9090.
@@ -114,8 +116,11 @@ class Service:
         self.known_pids: dict[int, int] = {}
 
     def write_config(self, text: str, path: Path | None = None) -> None:
-        """Write a config; `{port}` and `{apps}` are filled in."""
+        """Write a config; `{port}` and `{apps}` are filled in, and the service's engine
+        becomes the default of every app (a top-level key, last so no line moves)."""
         text = fill(text, self.port).replace("{metrics_port}", str(self.metrics_port))
+        if self.engine:
+            text = text.rstrip("\n") + f"\nengine: {self.engine}\n"
         target = path or self.config_path
         tmp = target.with_name(target.name + ".tmp")
         tmp.write_text(text)

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from harness import BASIC_CONFIG, compose, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
@@ -127,6 +129,7 @@ def test_virtual_hosts_and_444_for_unknown_hosts(hostsvc) -> None:
     assert status == 444
 
 
+@pytest.mark.engines("gunicorn")
 def test_per_path_config_and_max_requests_worker_recycling(hostsvc) -> None:
     svc = hostsvc("""
         listen: 127.0.0.1:{port}

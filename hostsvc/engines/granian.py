@@ -1,0 +1,133 @@
+"""The granian engine: granian's WSGI server (HTTP in Rust) for apps that need the speed.
+
+How hostsvc's settings map to granian's (`options`):
+
+| hostsvc            | granian                                                        |
+|--------------------|----------------------------------------------------------------|
+| workers            | workers (processes)                                            |
+| threads            | blocking_threads: Python threads per worker that run the app   |
+| graceful_timeout   | workers_kill_timeout                                           |
+| worker_lifetime    | workers_lifetime (granian only; gunicorn has max_requests)     |
+| timeout            | nginx's proxy timeouts only: granian cannot abort a request    |
+
+keepalive and max_requests are gunicorn's only (the config refuses them here).
+
+Embedding: the app is built in the main process before any worker is forked (as
+gunicorn's preload_app), so an import error ends the pool before it is ready, and each
+worker gets it through granian's `target_loader`, which also sets the parent-death
+signal and reports readiness. Worker exits are observed by wrapping granian's per-worker
+watcher thread (`_Server._spawn_worker`): the one private hook this relies on, checked
+at start-up and pinned by the granian version range in pyproject.toml.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+from pathlib import Path
+from typing import Any, Callable
+
+from ..config import AppConfig
+from ..procs import set_parent_death_signal
+from . import pool_app, ready_signal
+
+log = logging.getLogger("hostsvc.engines.granian")
+
+
+def options(app: AppConfig, socket_path: str) -> dict[str, Any]:
+    """granian server settings for one pool: WSGI over HTTP/1.1 on a private unix socket."""
+    from granian.constants import HTTPModes, Interfaces
+    from granian.log import LogLevels
+
+    return {
+        "target": app.target,
+        "uds": Path(socket_path),
+        "uds_permissions": 0o600,
+        "interface": Interfaces.WSGI,
+        "http": HTTPModes.http1,
+        "websockets": False,
+        "workers": app.workers,
+        "blocking_threads": app.threads,
+        # As gunicorn's: a burst larger than granian's default 1024 queues, not fails.
+        "backlog": 2048,
+        "workers_kill_timeout": max(1, math.ceil(app.graceful_timeout)),
+        "workers_lifetime": app.worker_lifetime or None,
+        # A crashed worker is replaced; a worker that crashes again within 5.5 s ends
+        # the pool, and the supervisor restarts it with backoff.
+        "respawn_failed_workers": True,
+        "log_level": LogLevels.warning,
+        "log_dictconfig": _log_config(app.name),
+        "log_access": False,    # nginx writes the access log
+    }
+
+
+def _log_config(app_name: str) -> dict[str, Any]:
+    """granian's log on stderr, as gunicorn's: stdout carries nginx's access log, which
+    tools parse line by line. Lines say which app's pool they come from."""
+    fmt = f"[%(asctime)s] [%(process)d] [%(levelname)s] granian app={app_name}: %(message)s"
+    return {
+        "formatters": {"generic": {"()": "logging.Formatter", "fmt": fmt,
+                                   "datefmt": "%Y-%m-%d %H:%M:%S %z"}},
+        "handlers": {"console": {"formatter": "generic", "class": "logging.StreamHandler",
+                                 "stream": "ext://sys.stderr"}},
+        "loggers": {"_granian": {"handlers": ["console"], "propagate": False}},
+    }
+
+
+def serve(spec: dict[str, Any]) -> None:
+    """Run granian's main process until SIGTERM (then it stops the workers and returns)."""
+    from granian.server.mp import MPServer
+
+    app = AppConfig(**spec["app"])
+    metrics_on = bool(spec.get("metrics"))
+    main_pid = os.getpid()
+    ready = ready_signal(spec["ready_fd"])
+    on_exit = _exit_recorder(app.name) if metrics_on else None
+    os.umask(0o077)             # the socket and files the app writes: the service's user only
+    wsgi = pool_app(app, metrics_on)
+
+    def load(target: str) -> Callable[..., Any]:
+        """In each worker, after the fork: die with the main process, then serve."""
+        set_parent_death_signal(signal.SIGTERM, main_pid)
+        ready()
+        return wsgi
+
+    class _Server(MPServer):
+        def _spawn_worker(self, idx: int, target: Any, callback_loader: Any) -> Any:
+            worker = super()._spawn_worker(idx, target, callback_loader)
+            if on_exit is not None:
+                watch = worker._watcher
+
+                def watcher() -> None:
+                    watch()                 # joins the worker process
+                    if not worker.interrupt_by_parent:
+                        cause = "crash"
+                    else:                   # stopped by granian: shutdown or lifetime
+                        cause = "shutdown" if self.interrupt_signal else "lifetime"
+                    on_exit(worker.inner.pid, cause)
+
+                worker._watcher = watcher
+            return worker
+
+    # A pool restarted after a crash reuses its socket path; the dead one left the file.
+    Path(spec["socket"]).unlink(missing_ok=True)
+    _Server(**options(app, spec["socket"])).serve(target_loader=load)
+
+
+def _exit_recorder(app_name: str) -> Callable[[int, str], None]:
+    """worker_exited() for this app, after checking granian still has the watcher hook."""
+    from granian.server.common import AbstractWorker
+
+    from ..metrics import worker_exited
+
+    if not callable(getattr(AbstractWorker, "_watcher", None)):
+        raise RuntimeError("this granian version has no worker watcher hook; install the "
+                           "version range hostsvc supports (pip install 'hostsvc[granian]')")
+
+    def record(pid: int, cause: str) -> None:
+        try:
+            worker_exited(app_name, pid, cause)
+        except Exception:  # noqa: BLE001 - a metrics failure must not stop the watcher
+            log.exception("recording the exit of worker %s failed", pid)
+    return record
