@@ -292,8 +292,8 @@ class Supervisor:
         st.pool.start()
         st.state = "starting"
         st.generation = self._generations.get(st.app.name, 1)
-        log.info("%s", _fmt("starting", st.app.name, st.pool.pid, workers=st.app.workers,
-                            socket=st.socket_path))
+        log.info("%s", _fmt("starting", st.app.name, st.pool.pid, engine=st.app.engine,
+                            workers=st.app.workers, socket=st.socket_path))
 
     def _wait_ready(self, states: list[AppState], limit: float = START_TIMEOUT) -> None:
         """Block until each pool is ready or failed (a hung start fails after
@@ -627,7 +627,7 @@ class Supervisor:
             alive = pool is not None and pool.alive()
             apps[name] = {
                 "prefix": st.app.prefix, "hosts": st.app.hosts, "kind": st.app.kind,
-                "target": st.app.target, "state": st.state,
+                "target": st.app.target, "engine": st.app.engine, "state": st.state,
                 "pid": pool.pid if alive else None,
                 "workers": st.app.workers, "threads": st.app.threads,
                 "worker_pids": st.worker_pids if alive else [],

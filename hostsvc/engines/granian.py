@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import signal
+import threading
 from pathlib import Path
 from typing import Any, Callable
 
@@ -93,11 +94,17 @@ def serve(spec: dict[str, Any]) -> None:
         ready()
         return wsgi
 
+    # granian forks workers from its main thread while each worker's watcher thread
+    # runs; recording an exit takes locks (prometheus_client's, an import, the archive's
+    # flock) that a fork in the middle would copy into the new worker held forever. So
+    # forks and exit records exclude each other.
+    fork_lock = threading.Lock()
+
     class _Server(MPServer):
         def _spawn_worker(self, idx: int, target: Any, callback_loader: Any) -> Any:
             worker = super()._spawn_worker(idx, target, callback_loader)
             if on_exit is not None:
-                watch = worker._watcher
+                watch, start = worker._watcher, worker.start
 
                 def watcher() -> None:
                     watch()                 # joins the worker process
@@ -105,9 +112,14 @@ def serve(spec: dict[str, Any]) -> None:
                         cause = "crash"
                     else:                   # stopped by granian: shutdown or lifetime
                         cause = "shutdown" if self.interrupt_signal else "lifetime"
-                    on_exit(worker.inner.pid, cause)
+                    with fork_lock:
+                        on_exit(worker.inner.pid, cause)
 
-                worker._watcher = watcher
+                def locked_start() -> None:
+                    with fork_lock:
+                        start()
+
+                worker._watcher, worker.start = watcher, locked_start
             return worker
 
     # A pool restarted after a crash reuses its socket path; the dead one left the file.

@@ -150,6 +150,7 @@ def test_requests_queue_time_worker_crash_reloads_and_openmetrics(hostsvc) -> No
     assert value(found, "hostsvc_pool_workers", app="echo", kind="configured") == 2
     assert value(found, "hostsvc_pool_workers", app="echo", kind="live") == 2
     assert value(found, "hostsvc_pool_memory_rss_bytes", app="echo") > 0
+    assert value(found, "hostsvc_pool_cpu_seconds_total", app="echo") > 0
     # nginx's stub_status, through its loopback server
     assert value(found, "nginx_up") == 1
     assert value(found, "nginx_connections_active") >= 1
