@@ -215,8 +215,8 @@ class Window:
 
 
 # -- the status document -----------------------------------------------------------------
-APP_FIELDS = ("prefix", "hosts", "kind", "target", "state", "pid", "workers", "threads",
-              "workers_alive", "restarts", "generation", "started_at", "ready_at",
+APP_FIELDS = ("prefix", "hosts", "kind", "target", "engine", "state", "pid", "workers",
+              "threads", "workers_alive", "restarts", "generation", "started_at", "ready_at",
               "last_error")
 
 

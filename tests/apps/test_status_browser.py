@@ -104,6 +104,9 @@ def test_status_page_live(browser, stack, tmp_path):
     for name in names:
         alive, _, configured = cell(browser, name, "workers").partition("/")
         assert alive == configured and int(configured) >= 1
+    # config/hostsvc.yaml runs hello on granian, the rest on the default engine
+    assert cell(browser, "hello", "engine") == "granian"
+    assert cell(browser, "notes", "engine") == "gunicorn"
 
     # Traffic to one app; the page must pick it up by itself (fetch), not by a reload.
     browser.execute_script("window.__sameDocument = true;")

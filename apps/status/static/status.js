@@ -43,6 +43,7 @@
     var prefix = el("td", {"data-field": "prefix"});
     prefix.appendChild(el("a", {href: app.prefix.replace(/\/?$/, "/")}, app.prefix));
     tr.appendChild(prefix);
+    tr.appendChild(el("td", {"data-field": "engine"}, app.engine || "\u2013"));
     var st = el("td", {"data-field": "state"});
     st.appendChild(el("span", {"class": "badge " + app.state}, app.state));
     if (app.last_error) st.appendChild(el("div", {"class": "error-note"}, app.last_error));
