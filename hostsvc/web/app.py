@@ -121,8 +121,8 @@ class Application:
             _drain_body(req)
         status, headers, body = self._finalize(req, resp, environ)
         start_response(status, headers)
-        if req.hooks.has("on_end_request") or hasattr(body, "close") \
-                or not isinstance(body, tuple):
+        if type(body) is not list or req.hooks.has("on_end_request"):
+            # A list is whole and has no close(): nothing is left to do once it is sent.
             return _ClosingBody(body, req, resp)
         serving.request = serving.response = None
         return body
@@ -141,7 +141,7 @@ class Application:
             close = getattr(body, "close", None)
             if close is not None:
                 close()
-            body = (b"",)
+            body = [b""]
         return status, headers, body
 
     def _respond(self, req: Request, resp: Response) -> None:
