@@ -33,6 +33,17 @@ HOST_RE = re.compile(r"^(\*\.)?[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$")
 LISTEN_RE = re.compile(
     r"^(?:(?P<host>[0-9.]+|\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):)?(?P<port>[0-9]{1,5})$")
 ALLOW_RE = re.compile(r"^(all|[0-9.]+(/[0-9]{1,2})?|[0-9a-fA-F:]*:[0-9a-fA-F:.]*(/[0-9]{1,3})?)$")
+MERGE_TAG = "tag:yaml.org,2002:merge"
+VALUE_TAG = "tag:yaml.org,2002:value"
+STR_TAG = "tag:yaml.org,2002:str"
+ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")    # fullmatch; POSIX-style names
+# Upper bounds that catch a typo (workers: 100000 would fork until the container dies),
+# not tuning advice. A worker is a whole process (8.5-11 MiB of its own, 24-29 MiB RSS:
+# the engine table in docs/config.md), so 64 already cost 0.5-1.8 GiB for one app, and
+# gunicorn's 2-4 workers per core reach 64 only at 16-32 cores. A thread serves one
+# request at a time: 256 per worker leave room for apps that mostly wait on I/O.
+MAX_WORKERS = 64
+MAX_THREADS = 256
 ENV_RE = re.compile(r"\$(?:\$|\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\})")
 
 
@@ -152,23 +163,51 @@ class Sequence(list):
 class LineLoader(yaml.SafeLoader):
     """SafeLoader whose mappings and lists record where each key and item was written.
 
-    It also rejects duplicate keys, which plain YAML loading silently collapses.
+    It also rejects duplicate keys, which plain YAML loading silently collapses, and
+    resolves YAML 1.1 merge keys (`<<: *defaults`) itself: PyYAML's own flattening mixes
+    merged and explicit keys into one list (so an override looked like a duplicate), and
+    since 6.0.3 lets a later mapping in `<<: [*a, *b]` win, where the spec says the
+    earlier one does.
     """
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> Mapping:
-        """A Mapping with the line of every key; a repeated key is an error."""
-        self.flatten_mapping(node)
+        """A Mapping with the line of every key; a repeated key is an error.
+
+        Merged keys are defaults: the mapping's own keys win, then the merged mappings in
+        the order listed. A merged key keeps the line where it is written (in the anchored
+        mapping), which is where a wrong value or a typo in it has to be fixed.
+        """
         result = Mapping()
         result.line = node.start_mark.line + 1
         result.key_lines = {}
+        merge_line = 0
+        sources: list[yaml.Node] = []
         for key_node, value_node in node.value:
+            line = key_node.start_mark.line + 1
+            if key_node.tag == MERGE_TAG:
+                if merge_line:
+                    raise _duplicate("<<", merge_line, key_node)
+                merge_line = line
+                sources = (value_node.value if isinstance(value_node, yaml.SequenceNode)
+                           else [value_node])
+                continue
+            if key_node.tag == VALUE_TAG:     # a plain `=` key is the string "=", as in
+                key_node.tag = STR_TAG        # PyYAML's own flattening
             key = self.construct_object(key_node, deep=True)
             if key in result.key_lines:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r} (first on line {result.key_lines[key]})",
-                    key_node.start_mark)
-            result.key_lines[key] = key_node.start_mark.line + 1
+                raise _duplicate(key, result.key_lines[key], key_node)
+            result.key_lines[key] = line
             result[key] = self.construct_object(value_node, deep=True)
+        for source in sources:
+            if not isinstance(source, yaml.MappingNode):
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"expected a mapping or a list of mappings to merge, got "
+                    f"{source.id}", source.start_mark)
+            merged = self.construct_object(source, deep=True)
+            for key, value in merged.items():
+                if key not in result:
+                    result[key] = value
+                    result.key_lines[key] = merged.key_lines[key]
         return result
 
     def construct_sequence(self, node: yaml.SequenceNode, deep: bool = False) -> Sequence:
@@ -179,6 +218,12 @@ class LineLoader(yaml.SafeLoader):
         return result
 
 
+def _duplicate(key: Any, first_line: int, key_node: yaml.Node
+               ) -> yaml.constructor.ConstructorError:
+    return yaml.constructor.ConstructorError(
+        None, None, f"duplicate key {key!r} (first on line {first_line})", key_node.start_mark)
+
+
 LineLoader.add_constructor("tag:yaml.org,2002:map", LineLoader.construct_mapping)
 LineLoader.add_constructor("tag:yaml.org,2002:seq", LineLoader.construct_sequence)
 
@@ -187,9 +232,11 @@ def expand_env(text: str, source: str, environ: dict[str, str] | None = None) ->
     """Expand `${VAR}` and `${VAR:-default}` in `text`; `$$` is a literal `$`.
 
     Done on the raw text so values keep their YAML types; an unset variable without a
-    default is an error naming its line.
+    default is an error naming its line. Comments are left as written: a `${VAR}` that
+    documents a setting must not need a value.
     """
     env = os.environ if environ is None else environ
+    comments = _comment_columns(text, source)
     errors: list[str] = []
     out_lines = []
     for lineno, line in enumerate(text.split("\n"), 1):
@@ -208,23 +255,54 @@ def expand_env(text: str, source: str, environ: dict[str, str] | None = None) ->
                 errors.append(f"{source}:{lineno}: ${{{name}}} expands to several lines")
                 return ""
             return value
-        stripped = line.lstrip()
-        out_lines.append(line if stripped.startswith("#") else ENV_RE.sub(repl, line))
+        cut = comments.get(lineno, len(line))
+        out_lines.append(ENV_RE.sub(repl, line[:cut]) + line[cut:])
     if errors:
         raise ConfigError(errors)
     return "\n".join(out_lines)
+
+
+def _comment_columns(text: str, source: str) -> dict[int, int]:
+    """{line: column where its comment starts} for the unexpanded `text`.
+
+    YAML's own scanner decides, because a hand-made rule gets quotes wrong: `#` starts a
+    comment only after whitespace and outside a quoted or block scalar, yet `it's` opens
+    no quote and a quoted scalar may span lines. The scanner emits no comment tokens, but
+    everything between two tokens is whitespace or comment, so every `#` found there is in
+    a comment. `${...}` is masked with as many `_` first (a default may hold `#`, quotes
+    or flow indicators), so the columns are those of `text`.
+    """
+    masked = "\n".join(ENV_RE.sub(lambda m: "_" * len(m.group(0)), line)
+                       for line in text.split("\n"))
+    columns: dict[int, int] = {}
+    end = 0
+    try:
+        for token in yaml.scan(masked, Loader=yaml.SafeLoader):
+            for hash_at in range(end, token.start_mark.index):
+                if masked[hash_at] == "#":
+                    line_start = masked.rfind("\n", 0, hash_at) + 1
+                    columns.setdefault(masked.count("\n", 0, hash_at) + 1,
+                                       hash_at - line_start)
+            end = token.end_mark.index
+    except yaml.YAMLError as exc:
+        raise _syntax_error(exc, source) from None
+    return columns
 
 
 def parse_yaml(text: str, source: str) -> Any:
     """Parse YAML into Mapping/Sequence values with lines; syntax errors name the line."""
     try:
         return yaml.load(text, Loader=LineLoader)  # noqa: S506 - LineLoader is a SafeLoader
-    except yaml.MarkedYAMLError as exc:
+    except yaml.YAMLError as exc:
+        raise _syntax_error(exc, source) from None
+
+
+def _syntax_error(exc: yaml.YAMLError, source: str) -> ConfigError:
+    if isinstance(exc, yaml.MarkedYAMLError):
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else 0
-        raise ConfigError([f"{source}:{line}: invalid YAML: {exc.problem or exc}"]) from None
-    except yaml.YAMLError as exc:
-        raise ConfigError([f"{source}: invalid YAML: {exc}"]) from None
+        return ConfigError([f"{source}:{line}: invalid YAML: {exc.problem or exc}"])
+    return ConfigError([f"{source}: invalid YAML: {exc}"])
 
 
 # -- validation --------------------------------------------------------------------------
@@ -464,12 +542,7 @@ def _check_app(c: _Checker, entry: Any, i: int, line: int, top_paths: list[str],
                         for k, s in v.items()) else None, {})
     if app_cfg and kind != "root":
         c.error(c.line_of(entry, "config"), where + "config", "only root: apps take a config")
-    env = c.get(entry, "env", where, "a mapping of NAME: value (scalars)",
-                lambda v: {str(k): "" if x is None else str(x).lower() if isinstance(x, bool)
-                           else str(x) for k, x in v.items()}
-                if isinstance(v, Mapping) and all(
-                    isinstance(k, str) and not isinstance(x, (list, dict))
-                    for k, x in v.items()) else None, {})
+    env = _check_env(c, entry, where)
     paths = c.get(entry, "python_path", where, "a list of directories", _string_list, [])
     engine = c.get(entry, "engine", where, "one of " + ", ".join(ENGINES), _engine,
                    default_engine)
@@ -480,8 +553,10 @@ def _check_app(c: _Checker, entry: Any, i: int, line: int, top_paths: list[str],
             v, _host), []),
         config={k: dict(v) for k, v in app_cfg.items()},
         engine=engine,
-        workers=c.get(entry, "workers", where, "a positive integer", _positive_int, 2),
-        threads=c.get(entry, "threads", where, "a positive integer", _positive_int, 1),
+        workers=_at_most(c, entry, where, "workers", MAX_WORKERS, "worker processes per app",
+                         c.get(entry, "workers", where, "a positive integer", _positive_int, 2)),
+        threads=_at_most(c, entry, where, "threads", MAX_THREADS, "threads per worker",
+                         c.get(entry, "threads", where, "a positive integer", _positive_int, 1)),
         timeout=c.get(entry, "timeout", where, "a positive number of seconds",
                       _positive_number, 30),
         graceful_timeout=c.get(entry, "graceful_timeout", where,
@@ -505,6 +580,39 @@ def _check_app(c: _Checker, entry: Any, i: int, line: int, top_paths: list[str],
         line=entry.line, target_line=c.line_of(entry, kind), index=i,
     )
     return app
+
+
+def _check_env(c: _Checker, entry: Mapping, where: str) -> dict[str, str]:
+    """`env:` as strings; a bad name is reported at its own line, here, because the pool
+    (and the import check) would only fail later, with the error under root:/wsgi:."""
+    env = entry.get("env")
+    if env is None:
+        return {}
+    if not isinstance(env, Mapping):
+        c.error(c.line_of(entry, "env"), where + "env",
+                f"expected a mapping of NAME: value (scalars), got {env!r}")
+        return {}
+    result: dict[str, str] = {}
+    for name, value in env.items():
+        line, key = env.key_lines[name], f"{where}env.{name}"
+        if not (isinstance(name, str) and ENV_NAME_RE.fullmatch(name)):
+            c.error(line, key, f"expected an environment variable name "
+                               f"({ENV_NAME_RE.pattern}), got {name!r}")
+        elif isinstance(value, (list, dict)):
+            c.error(line, key, f"expected a scalar value, got {value!r}")
+        else:
+            result[name] = ("" if value is None else str(value).lower()
+                            if isinstance(value, bool) else str(value))
+    return result
+
+
+def _at_most(c: _Checker, entry: Mapping, where: str, key: str, limit: int, unit: str,
+             value: int) -> int:
+    """Report `value` above `limit` (the key's value has passed its type check already)."""
+    if value > limit:
+        c.error(c.line_of(entry, key), where + key,
+                f"expected at most {limit} {unit}, got {value}")
+    return value
 
 
 def _check_engine(c: _Checker, entry: Mapping, where: str, engine: str) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hostsvc import cli
+from hostsvc import cli, config
 from hostsvc.config import ConfigError, load
 from hostsvc.proxy import render
 
@@ -448,3 +448,131 @@ def test_nginx_keeps_connections_to_pools_that_can_reuse_them(tmp_path: Path) ->
         location = location[:location.index("error_page")]
         assert ('proxy_set_header Connection "";' in location) is keep, name
         assert ("proxy_set_header Connection close;" in location) is not keep, name
+
+
+def test_merge_keys_share_settings_and_explicit_keys_win(tmp_path: Path) -> None:
+    """`<<: *anchor` (YAML 1.1 merge keys): merged keys are defaults; the mapping's own
+    keys override them, and in `<<: [*a, *b]` the earlier mapping wins."""
+    path = write(tmp_path, """
+        apps:
+          - &base
+            name: base
+            wsgi: shop.wsgi:app
+            workers: 4
+            env: &env {MODE: prod, LEVEL: info}
+          - &small {name: small, wsgi: small:app, workers: 1, threads: 2}
+          - <<: *base
+            name: other
+            workers: 8
+            env: {<<: *env, LEVEL: debug}
+          - <<: [*small, *base]
+            name: both
+    """)
+    base, small, other, both = load(path).apps
+    assert (base.workers, base.env) == (4, {"MODE": "prod", "LEVEL": "info"})
+    assert (other.target, other.prefix, other.workers) == ("shop.wsgi:app", "/other", 8)
+    assert other.env == {"MODE": "prod", "LEVEL": "debug"}
+    assert (both.target, both.workers, both.threads, both.env) == (
+        "small:app", 1, 2, {"MODE": "prod", "LEVEL": "info"})
+    assert small.name == "small"
+
+
+def test_merge_keys_keep_duplicate_key_errors_and_useful_lines(tmp_path: Path) -> None:
+    path = write(tmp_path, """
+        apps:
+          - <<: {wsgi: a:app}
+            name: one
+            name: two
+    """)
+    [error] = errors_of(path)
+    assert error.startswith(f"{path}:4: invalid YAML: duplicate key 'name' (first on line 3)")
+    path = write(tmp_path, """
+        apps:
+          - &base
+            wsgi: a:app
+            workers: two
+            colour: blue
+            name: a
+          - <<: *base
+            name: b
+    """)
+    # Errors in merged keys name the line where the key is written, under each app.
+    assert errors_of(path) == [
+        f"{path}:5: apps[0].colour: unknown key; expected one of: " + ", ".join(sorted(
+            config.APP_KEYS)),
+        f"{path}:4: apps[0].workers: expected a positive integer, got 'two'",
+        f"{path}:5: apps[1].colour: unknown key; expected one of: " + ", ".join(sorted(
+            config.APP_KEYS)),
+        f"{path}:4: apps[1].workers: expected a positive integer, got 'two'",
+    ]
+    path = write(tmp_path, "apps:\n  - <<: [plain]\n    name: a\n    wsgi: a:app\n")
+    [error] = errors_of(path)
+    assert error.startswith(f"{path}:2: invalid YAML: expected a mapping or a list of "
+                            "mappings to merge")
+
+
+def test_comments_are_not_expanded_but_hashes_in_values_are(tmp_path: Path) -> None:
+    """A comment starts at a `#` after whitespace, outside quotes and block scalars, as
+    YAML has it: `${VAR}` there is left alone; in the value it is still expanded."""
+    path = write(tmp_path, """
+        # full line ${NOPE}
+        apps:
+          - name: hello   # set ${NOPE} to change
+            wsgi: a:app
+            workers: ${WORKERS:-2}  # set ${NOPE} to change
+            env:
+              URL: "http://x/#${FRAG}"  # ${NOPE}
+              QUOTE: 'it''s #${FRAG}'   # ${NOPE}
+              PLAIN: http://x/#${FRAG}
+              APOSTROPHE: it's # ${NOPE}
+              MULTI: "one
+                # ${FRAG}"
+              BLOCK: |
+                # ${FRAG}
+    """)
+    [app] = load(path, environ={"FRAG": "top"}).apps
+    assert app.workers == 2
+    assert app.env == {"URL": "http://x/#top", "QUOTE": "it's #top", "PLAIN": "http://x/#top",
+                       "APOSTROPHE": "it's", "MULTI": "one # top", "BLOCK": "# top\n"}
+    assert errors_of(path, environ={}) == [
+        f"{path}:{line}: ${{FRAG}} is not set and has no default (write ${{FRAG:-value}})"
+        for line in (7, 8, 9, 12, 14)]
+
+
+def test_env_names_are_checked_at_their_own_line(tmp_path: Path) -> None:
+    path = write(tmp_path, """
+        apps:
+          - name: a
+            wsgi: a:app
+            env:
+              GOOD_1: x
+              BAD-NAME: x
+              "A=B": y
+              1ST: z
+              LIST: [1]
+    """)
+    expected = "an environment variable name ([A-Za-z_][A-Za-z0-9_]*)"
+    assert errors_of(path) == [
+        f"{path}:6: apps[0].env.BAD-NAME: expected {expected}, got 'BAD-NAME'",
+        f"{path}:7: apps[0].env.A=B: expected {expected}, got 'A=B'",
+        f"{path}:8: apps[0].env.1ST: expected {expected}, got '1ST'",
+        f"{path}:9: apps[0].env.LIST: expected a scalar value, got [1]",
+    ]
+    path = write(tmp_path, "apps: [{name: a, wsgi: a:app, env: [A]}]\n")
+    assert errors_of(path) == [
+        f"{path}:1: apps[0].env: expected a mapping of NAME: value (scalars), got ['A']"]
+
+
+def test_workers_and_threads_have_upper_bounds(tmp_path: Path) -> None:
+    path = write(tmp_path, """
+        apps:
+          - {name: a, wsgi: a:app, workers: 64, threads: 256}
+          - {name: b, wsgi: b:app, workers: 100000,
+             threads: 257}
+    """)
+    assert errors_of(path) == [
+        f"{path}:3: apps[1].workers: expected at most 64 worker processes per app, got 100000",
+        f"{path}:4: apps[1].threads: expected at most 256 threads per worker, got 257",
+    ]
+    path.write_text(path.read_text().replace("100000", "2").replace("257", "8"))
+    assert [(a.workers, a.threads) for a in load(path).apps] == [(64, 256), (2, 8)]
