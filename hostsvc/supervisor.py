@@ -303,7 +303,7 @@ class Supervisor:
         deadline = time.monotonic() + limit
         while any(st.state == "starting" for st in states) and time.monotonic() < deadline:
             self._check_pools(states)
-            self._state_snapshot = self.state()
+            self.write_state(scan=False)
             if self._stop_requested():
                 return
             self._sleep(0.05)
@@ -549,6 +549,7 @@ class Supervisor:
         while time.monotonic() < deadline and set(children_of(self.nginx.pid)) & before \
                 and not self._stop_requested():
             self._check_pools()     # apps keep being restarted while old workers drain
+            self.write_state(scan=False)
             self._sleep(0.05)
         log.info("%s", _fmt("nginx_reloaded", "nginx", self.nginx.pid))
         return True
@@ -659,9 +660,15 @@ class Supervisor:
         return {"listen": listen,
                 "url": f"http://{metrics_address(listen)}/metrics" if listen else None}
 
-    def write_state(self, force: bool = False) -> None:
-        """Rewrite RUNTIME/state.json atomically if anything in it changed."""
-        if time.monotonic() >= self._next_scan or force:
+    def write_state(self, force: bool = False, scan: bool = True) -> None:
+        """Rewrite RUNTIME/state.json atomically if anything in it changed.
+
+        `scan` (at most once a second) also refreshes worker pids from /proc and reaps
+        orphans. The waits of a start or reload write without it: their new pools are not
+        yet among the apps, so an orphan sweep could reap one of them and hide its exit
+        status from its Popen; states and restarts still reach `hostsvc status` at once.
+        """
+        if scan and (time.monotonic() >= self._next_scan or force):
             self._next_scan = time.monotonic() + 1.0
             for st in self.apps.values():
                 st.worker_pids = st.pool.worker_pids() if st.pool and st.state == "running" \

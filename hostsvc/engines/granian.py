@@ -94,48 +94,72 @@ def serve(spec: dict[str, Any]) -> None:
         ready()
         return wsgi
 
-    # granian forks workers from its main thread while each worker's watcher thread
-    # runs; recording an exit takes locks (prometheus_client's, an import, the archive's
-    # flock) that a fork in the middle would copy into the new worker held forever. So
-    # forks and exit records exclude each other.
-    fork_lock = threading.Lock()
-
-    class _Server(MPServer):
-        def _spawn_worker(self, idx: int, target: Any, callback_loader: Any) -> Any:
-            worker = super()._spawn_worker(idx, target, callback_loader)
-            if on_exit is not None:
-                watch, start = worker._watcher, worker.start
-
-                def watcher() -> None:
-                    watch()                 # joins the worker process
-                    if not worker.interrupt_by_parent:
-                        cause = "crash"
-                    else:                   # stopped by granian: shutdown or lifetime
-                        cause = "shutdown" if self.interrupt_signal else "lifetime"
-                    with fork_lock:
-                        on_exit(worker.inner.pid, cause)
-
-                def locked_start() -> None:
-                    with fork_lock:
-                        start()
-
-                worker._watcher, worker.start = watcher, locked_start
-            return worker
-
     # A pool restarted after a crash reuses its socket path; the dead one left the file.
     Path(spec["socket"]).unlink(missing_ok=True)
-    _Server(**options(app, spec["socket"])).serve(target_loader=load)
+    server = _server_class(on_exit)(**options(app, spec["socket"]))
+    server.serve(target_loader=load)
+
+
+def _server_class(on_exit: Callable[[int, str], None] | None) -> type:
+    """granian's multiprocess server with hostsvc's watcher on every worker.
+
+    granian watches each worker from a thread that joins (reaps) it, while its main
+    thread also joins workers it stops; the two waitpid() calls race, and the loser
+    logs "Killing worker after it refused to gracefully stop" for a worker that had
+    stopped, on most reloads. Our watcher waits for the worker's exit without reaping
+    it (its sentinel), leaving the reaping to the main thread, and does what granian's
+    does on a crash (log, mark it for respawn, wake the main loop). It also records
+    each exit (`on_exit`), under a lock shared with forks: recording takes locks
+    (prometheus_client's, an import, the archive's flock) that a fork in the middle
+    would copy into the new worker held forever.
+    """
+    from multiprocessing.connection import wait
+
+    from granian.log import logger as granian_log
+    from granian.server.mp import MPServer
+
+    fork_lock = threading.Lock()
+
+    class Server(MPServer):
+        def _spawn_worker(self, idx: int, target: Any, callback_loader: Any) -> Any:
+            worker = super()._spawn_worker(idx, target, callback_loader)
+            start = worker.start
+
+            def locked_start() -> None:
+                with fork_lock:
+                    start()
+
+            worker.start = locked_start
+            worker._watcher = lambda: self._watch_worker(worker)
+            return worker
+
+        def _watch_worker(self, worker: Any) -> None:
+            wait([worker.inner.sentinel])
+            if worker.interrupt_by_parent:       # stopped by granian: shutdown or lifetime
+                cause = "shutdown" if self.interrupt_signal else "lifetime"
+            else:
+                cause = "crash"
+                granian_log.error("Unexpected exit from worker-%d", worker.idx + 1)
+                self.interrupt_children.append(worker.idx)
+                self.main_loop_interrupt.set()
+            if on_exit is not None:
+                with fork_lock:
+                    on_exit(worker.inner.pid, cause)
+
+    from granian.server.common import AbstractWorker
+
+    missing = [name for name in ("interrupt_children", "main_loop_interrupt", "interrupt_signal")
+               if name not in MPServer.__init__.__code__.co_names]
+    missing += [name for name in ("_watcher", "_watch") if not hasattr(AbstractWorker, name)]
+    if missing:
+        raise RuntimeError(f"this granian has no {', '.join(missing)}; install the version "
+                           "range hostsvc supports (pip install 'hostsvc[granian]')")
+    return Server
 
 
 def _exit_recorder(app_name: str) -> Callable[[int, str], None]:
-    """worker_exited() for this app, after checking granian still has the watcher hook."""
-    from granian.server.common import AbstractWorker
-
+    """worker_exited() for this app, its failures logged rather than raised."""
     from ..metrics import worker_exited
-
-    if not callable(getattr(AbstractWorker, "_watcher", None)):
-        raise RuntimeError("this granian version has no worker watcher hook; install the "
-                           "version range hostsvc supports (pip install 'hostsvc[granian]')")
 
     def record(pid: int, cause: str) -> None:
         try:
