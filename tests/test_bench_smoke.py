@@ -41,7 +41,7 @@ def test_quick_benchmark_prints_every_row_and_ratio() -> None:
                          re.M), f"missing framework cost of row {key}:\n{out}"
 
 
-FULL_ROW = re.compile(r"^([ABC])  .*?\s([\d.]+) req/s  p50\s+[\d.]+ ms  p99\s+[\d.]+ ms  errors (\d+)$",
+FULL_ROW = re.compile(r"^([A-F])  .*?\s([\d.]+) req/s  p50\s+[\d.]+ ms  p99\s+[\d.]+ ms  errors (\d+)$",
                       re.M)
 
 
@@ -51,11 +51,17 @@ def test_quick_fullstack_benchmark_prints_rows_ratios_startup_and_memory() -> No
     out = proc.stdout
     assert proc.returncode == 0, out + proc.stderr
     rows = FULL_ROW.findall(out)
-    assert sorted(key for key, _, _ in rows) == ["A", "B", "C"], out
+    # A-C: bare gunicorn, the stack on gunicorn with and without metrics; D-F the same
+    # on granian
+    assert sorted(key for key, _, _ in rows) == list("ABCDEF"), out
     for key, rps, errors in rows:
         assert float(rps) > 0 and int(errors) == 0, f"row {key}:\n{out}"
     assert re.search(r"^ratio B/A .*\d+\.\d+x .*(PASS|MISS)$", out, re.M), out
     assert re.search(r"^metrics cost 1 - B/C .*%.*(PASS|MISS)$", out, re.M), out
+    assert re.search(r"^ratio E/B .*granian / gunicorn .*\d+\.\d+x .*(PASS|MISS)$", out,
+                     re.M), out
+    assert re.search(r"^ratio E/D .*\d+\.\d+x$", out, re.M), out
+    assert re.search(r"^metrics cost 1 - E/F .*-?[\d.]+ %$", out, re.M), out
     assert re.search(r"^startup .* 10 apps .*\d+\.\d+ s .*(PASS|MISS)$", out, re.M), out
-    for what in ("supervisor", "one idle pool", "nginx master"):
+    for what in ("supervisor", "idle gunicorn pool", "idle granian pool", "nginx master"):
         assert re.search(rf"^memory +{what}.*RSS +[\d.]+ MiB +PSS +[\d.]+ MiB$", out, re.M), out
