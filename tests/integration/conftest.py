@@ -23,7 +23,7 @@ def engine(request: pytest.FixtureRequest) -> str:
     """The pool engine of this run of the test."""
     marker = request.node.get_closest_marker("engines")
     if marker and request.param not in marker.args:
-        pytest.skip(f"a {'/'.join(marker.args)}-only setting")
+        pytest.skip(f"only on engine {' or '.join(marker.args)}")
     return request.param
 
 

@@ -8,7 +8,10 @@ import signal
 import socket
 from pathlib import Path
 
+import pytest
+
 from harness import BASIC_CONFIG, survivors, wait_for
+from hostsvc.procs import children_of
 
 FLAKY_OK = """
 def app(environ, start_response):
@@ -229,3 +232,26 @@ def test_a_crash_during_a_reload_is_restarted_without_waiting_for_it(hostsvc,
     assert svc.get_json("/echo/")["app"] == "echo"
     wait_for(lambda: "event=reloaded" in svc.stderr(), timeout=60, what="the reload")
     assert svc.request("/slow/")[2] == b"slow is up"
+
+
+@pytest.mark.engines("granian")
+def test_a_granian_worker_crash_loop_restarts_the_pool(hostsvc) -> None:
+    """granian replaces a crashed worker, but ends the whole pool when the same worker
+    slot crashes again within 5.5 s (docs/config.md, Engines). The supervisor must then
+    restart the pool with backoff, as for any pool that dies, and the neighbours serve."""
+    svc = hostsvc(BASIC_CONFIG.replace("wsgi: echo:app", "wsgi: echo:app\n        workers: 1"))
+    echo = svc.state()["apps"]["echo"]
+    main, [worker] = echo["pid"], echo["worker_pids"]
+    os.kill(worker, signal.SIGKILL)
+    replacement = wait_for(lambda: [p for p in children_of(main) if p != worker],
+                           what="granian to replace the killed worker")[0]
+    assert svc.state()["apps"]["echo"]["restarts"] == 0          # a worker, not the pool
+    os.kill(replacement, signal.SIGKILL)                          # again, within 5.5 s
+    state = wait_for(lambda: (a := svc.state()["apps"]["echo"])["state"] == "running"
+                     and a["pid"] not in (None, main) and a, timeout=30,
+                     what="the pool to be restarted after granian gave up")
+    assert state["restarts"] == 1
+    assert "Worker crash loop detected" in svc.stderr()
+    assert f"app=echo pid={main} event=exited" in svc.stderr()
+    assert svc.get_json("/echo/")["app"] == "echo"
+    assert svc.request("/hello/item/1")[2] == b"item 1"
