@@ -71,11 +71,10 @@ class Application:
 
         Sources are long-lived dicts (class `_cp_config`, app config sections), so their
         identities key the cache; the cache keeps them referenced so ids are not reused.
-        A remembered (static) resolution also carries its merge, saving the key.
+        A remembered (static) resolution also carries its merge, which `_respond` takes
+        without calling this.
         """
         version = global_config.version
-        if res.merged is not None and res.merged[0] == version:
-            return res.merged[1], res.merged[2]
         if self._merged_version != version:
             self._merged.clear()
             self._merged_version = version
@@ -111,7 +110,8 @@ class Application:
         resp = Response()
         serving.request = req
         serving.response = resp
-        req.hooks = _EMPTY_HOOKS.for_request()
+        # This request's own hooks: empty until dispatch finds the path's tools.
+        req.hooks = HookMap()
         try:
             self._respond(req, resp)
         except BaseException:
@@ -145,6 +145,9 @@ class Application:
         return status, headers, body
 
     def _respond(self, req: Request, resp: Response) -> None:
+        hooks = req.hooks
+        # Most paths have hooks at one or two points: `point in hooks._hooks` skips the
+        # others without a call. It is read afresh each time: attach() replaces the dict.
         try:
             try:
                 if not req.valid_path:
@@ -152,24 +155,40 @@ class Application:
                 if req.query_string:
                     req.params = dict(req.query)
                 path = req.path_info
-                res = self._dispatcher_for(path)(self, path)
-                req.config, hooks = self._config_for(res)
-                req.hooks = hooks = hooks.for_request()
+                dispatcher = self._dispatcher_for(path) if self._dispatch_sections \
+                    else self._default_dispatcher
+                res = dispatcher(self, path)
+                merged = res.merged
+                if merged is not None and merged[0] == global_config.version:
+                    req.config, cached = merged[1], merged[2]
+                else:
+                    req.config, cached = self._config_for(res)
+                hooks.use(cached)
                 req.is_index = res.is_index
                 req.handler = res.handler
-                hooks.run("on_start_resource")
-                hooks.run("before_request_body")
+                if "on_start_resource" in hooks._hooks:
+                    hooks.run("on_start_resource")
+                if "before_request_body" in hooks._hooks:
+                    hooks.run("before_request_body")
                 if req.process_request_body:
                     req.process_body()
                     for key, value in req.form.items():
                         _merge_param(req.params, key, value)
-                hooks.run("before_handler")
+                if "before_handler" in hooks._hooks:
+                    hooks.run("before_handler")
                 handler = req.handler
                 if handler is not None:
                     if isinstance(handler, HTTPError):
                         raise handler
-                    resp.body = _call_handler(handler, res.vpath, req)
-                hooks.run("before_finalize")
+                    params = req.params
+                    try:
+                        resp.body = handler(*res.vpath, **params)
+                    except TypeError:
+                        _check_signature(getattr(handler, "__wrapped__", handler), res.vpath,
+                                         params, req.form)
+                        raise
+                if "before_finalize" in hooks._hooks:
+                    hooks.run("before_finalize")
             except (HTTPRedirect, HTTPError) as inst:
                 # As in CherryPy: an expected outcome, so before_finalize still runs
                 # (a session changed before `raise HTTPRedirect` is saved).
@@ -201,9 +220,6 @@ class Application:
 
     def __repr__(self) -> str:
         return f"<Application {type(self.root).__name__} at {self.script_name or '/'}>"
-
-
-_EMPTY_HOOKS = HookMap()
 
 
 # Unread request bodies up to this size are read and dropped before answering.
@@ -243,15 +259,6 @@ def _merge_param(params: dict[str, Any], key: str, value: Any) -> None:
         params[key] = existing + (value if isinstance(value, list) else [value])
     else:
         params[key] = value
-
-
-def _call_handler(handler: Callable[..., Any], vpath: list[str], req: Request) -> Any:
-    params = req.params
-    try:
-        return handler(*vpath, **params)
-    except TypeError:
-        _check_signature(getattr(handler, "__wrapped__", handler), vpath, params, req.form)
-        raise
 
 
 def _check_signature(handler: Callable[..., Any], vpath: list[str], params: dict[str, Any],

@@ -204,7 +204,7 @@ class Dispatcher:
             sources.append(("section", section))
 
     def __call__(self, app: Any, path: str) -> Resolution:
-        res = self.resolve(app, path)
+        res = app.routes.get(path) or self.resolve(app, path)
         if res.handler is None:
             return Resolution(NotFound(), res.vpath, res.sources, res.is_index)
         return res
@@ -222,7 +222,7 @@ class MethodDispatcher(Dispatcher):
         self._allow: dict[type, str] = {}
 
     def __call__(self, app: Any, path: str) -> Resolution:
-        res = self.resolve(app, path)
+        res = app.routes.get(path) or self.resolve(app, path)
         resource = res.handler
         if resource is None:
             return Resolution(NotFound(), res.vpath, res.sources, res.is_index)

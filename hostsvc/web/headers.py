@@ -10,7 +10,7 @@ class HeaderMap(dict):
     __slots__ = ()
 
     def __init__(self, items: Iterable[tuple[str, str]] | dict | None = None) -> None:
-        super().__init__()
+        # dict.__new__ made it empty; dict.__init__ would have nothing to do.
         if items:
             self.update(items)
 

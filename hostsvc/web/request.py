@@ -34,6 +34,14 @@ def wsgi_to_str(value: str) -> str | None:
         return None
 
 
+def _decode_paths(script_name: str, path_info: str) -> tuple[str, str, bool]:
+    """SCRIPT_NAME and PATH_INFO as text, and whether both were UTF-8 (if not, the
+    application answers 400, and "" and "/" stand in for what did not decode)."""
+    script, path = wsgi_to_str(script_name), wsgi_to_str(path_info)
+    return (script if script is not None else "", path if path is not None else "/",
+            script is not None and path is not None)
+
+
 class Remote:
     """The peer: `ip`, `port`, `name` (CherryPy's request.remote)."""
 
@@ -104,29 +112,42 @@ class RequestBody:
 class Request:
     """One HTTP request, as the framework and handlers see it."""
 
+    # Set by dispatch, tools or handlers when they have something to say; until then the
+    # class provides the value, so a request that never sets one pays nothing for it.
+    handler: Any = None
+    is_index: bool | None = None
+    login: str | None = None
+    session: Any = None
+
     def __init__(self, environ: dict[str, Any], app: Any = None) -> None:
         self.wsgi_environ = environ
         self.app = app
         self.method: str = environ["REQUEST_METHOD"]
-        script_name = wsgi_to_str(environ.get("SCRIPT_NAME", ""))
-        path_info = wsgi_to_str(environ.get("PATH_INFO", "") or "/")
+        script_name = environ.get("SCRIPT_NAME", "")
+        path_info = environ.get("PATH_INFO", "") or "/"
+        valid = True
+        if not (script_name.isascii() and path_info.isascii()):  # rare: something to decode
+            script_name, path_info, valid = _decode_paths(script_name, path_info)
         raw = environ.get("RAW_URI")
-        self.valid_path = script_name is not None and path_info is not None and not (
+        self.valid_path = valid and not (
             raw and "%" in raw and BAD_ESCAPE.search(raw.split("?", 1)[0]))
-        self.script_name: str = script_name if script_name is not None else ""
-        self.path_info: str = path_info if path_info is not None else "/"
+        self.script_name: str = script_name
+        self.path_info: str = path_info
         self.query_string: str = environ.get("QUERY_STRING", "")
         self.config: dict[str, Any] = {}
-        self.handler: Any = None
-        self.is_index: bool | None = None
-        self.login: str | None = None
-        self.session: Any = None
         self.params: dict[str, Any] = {}
-        self.form: dict[str, Any] = {}
-        self.files: dict[str, UploadedFile] = {}
         self.process_request_body: bool = self.method in METHODS_WITH_BODIES
 
-    # -- parsed on demand -------------------------------------------------------------
+    @lazy_property
+    def form(self) -> dict[str, Any]:
+        """Form body fields; `process_body` replaces this with what it parsed."""
+        return {}
+
+    @lazy_property
+    def files(self) -> dict[str, UploadedFile]:
+        """Uploaded files of a multipart body; `process_body` replaces this."""
+        return {}
+
     @lazy_property
     def headers(self) -> HeaderMap:
         env = self.wsgi_environ

@@ -46,12 +46,14 @@ def _check_header(name: str, value: Any) -> str:
 class Response:
     """Status, headers, cookies and body of the response being built."""
 
+    # Until a handler or tool sets them, the class provides these (no per-request store).
+    status: int | str = 200
+    body: Any = None
+    stream = False
+
     def __init__(self) -> None:
-        self.status: int | str = 200
         self.headers = HeaderMap()
         dict.__setitem__(self.headers, "Content-Type", DEFAULT_CONTENT_TYPE)
-        self.body: Any = None
-        self.stream = False
 
     @lazy_property
     def cookie(self) -> SimpleCookie:

@@ -76,9 +76,12 @@ class HookMap:
         for _, callback, kwargs in entries:
             callback(**kwargs)
 
-    def for_request(self) -> "HookMap":
-        """A view of these hooks that one request may extend without affecting others."""
-        return HookMap(self._hooks)
+    def use(self, cached: "HookMap") -> None:
+        """Take the hooks of `cached` (shared by every request with the same config) as
+        this request's: `attach` copies them before the first change, so one request's
+        additions never reach the others."""
+        self._hooks = cached._hooks
+        self._shared = True
 
 
 class Tool:
