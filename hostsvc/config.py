@@ -432,8 +432,8 @@ APP_KEYS = {"name", "prefix", "hosts", "root", "wsgi", "config", "engine", "work
 ENGINES = ("gunicorn", "granian")
 # Settings that only one engine has, and what to use on the other one instead.
 ENGINE_ONLY = {
-    "keepalive": ("gunicorn", "granian keeps connections to nginx open until nginx closes "
-                              "them (after 60 s idle); remove keepalive"),
+    "keepalive": ("gunicorn", "nginx closes idle connections to granian itself, before "
+                              "granian's own 30 s limit; remove keepalive"),
     "max_requests": ("gunicorn", "granian cannot count requests per worker; use "
                                  "worker_lifetime: SECONDS (>= 60) to respawn workers"),
     "max_requests_jitter": ("gunicorn", "remove it (granian has no max_requests)"),

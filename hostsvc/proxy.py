@@ -115,6 +115,7 @@ def _mount(prefix: str, body: list[str]) -> list[str]:
 
 
 UPSTREAM_TOKEN_HEADER = "X-Hostsvc-Upstream-Token"
+GRANIAN_UPSTREAM_IDLE = 20     # seconds nginx keeps an idle connection to a granian pool
 
 
 def _metrics_locations(metrics: MetricsConfig) -> list[str]:
@@ -124,8 +125,8 @@ def _metrics_locations(metrics: MetricsConfig) -> list[str]:
         return []
     assert metrics.listen is not None
     address = metrics_address(metrics.listen)
-    # $upstream_status, not $status: $status is 000 in a named location. One server per
-    # upstream, so it holds one code. The method (and body) of the request is passed on.
+    # $upstream_status, not $status: $status is 000 in a named location (its last code:
+    # see the map in render). The method (and body) of the request is passed on.
     # If the metrics server cannot be reached, nginx still answers the plain 503.
     lines = ["location @hostsvc_upstream_error {\n"
              "            recursive_error_pages on;\n"
@@ -133,7 +134,7 @@ def _metrics_locations(metrics: MetricsConfig) -> list[str]:
              + (f"            proxy_set_header {UPSTREAM_TOKEN_HEADER} {metrics.upstream_token};\n"
                 if metrics.upstream_token else "") +
              f"            proxy_pass http://{address}/_hostsvc/upstream-error/"
-             "$hostsvc_app/$upstream_status;\n"
+             "$hostsvc_app/$hostsvc_upstream_last;\n"
              "        }"]
     if metrics.expose_on_main:
         rules = "".join(f"\n            allow {a};" for a in metrics.allow) + \
@@ -204,8 +205,18 @@ def render(cfg: Config, sockets: dict[str, str], runtime_dir: str,
     upstreams = ""
     for app in cfg.apps:
         keepalive = "\n        keepalive 16;" if app.upstream_keepalive else ""
+        if app.engine == "granian":
+            # granian drops a connection idle for 30 s (its header read timeout); nginx
+            # must let go first, or a request it sends as granian closes fails.
+            keepalive += f"\n        keepalive_timeout {GRANIAN_UPSTREAM_IDLE}s;"
         upstreams += (f"    upstream app_{app.name} {{\n        server unix:{sockets[app.name]} "
                       f"fail_timeout=0;{keepalive}\n    }}\n")
+    if cfg.metrics.enabled:
+        # $upstream_status lists every try ("502, 502" when nginx retried on a second
+        # cached connection): the upstream-error location reports the last one.
+        upstreams += ("    map $upstream_status $hostsvc_upstream_last {\n"
+                      '        "~(?<last>[0-9]+)$" $last;\n'
+                      "        default $upstream_status;\n    }\n")
     hosts = sorted({h for m in [*cfg.apps, *cfg.static] for h in m.hosts})
     if not hosts:
         servers = _server(cfg.listen, "_", True, cfg.apps, cfg.static, cfg.metrics)

@@ -418,7 +418,7 @@ def test_a_setting_the_engine_lacks_is_an_error_that_says_what_to_use(tmp_path: 
     """)
     assert errors_of(path) == [
         f"{path}:5: apps[0].keepalive: not supported by engine granian (only by gunicorn): "
-        "granian keeps connections to nginx open until nginx closes them (after 60 s idle); "
+        "nginx closes idle connections to granian itself, before granian's own 30 s limit; "
         "remove keepalive",
         f"{path}:6: apps[0].max_requests: not supported by engine granian (only by gunicorn): "
         "granian cannot count requests per worker; use worker_lifetime: SECONDS (>= 60) to "

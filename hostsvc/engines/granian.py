@@ -96,8 +96,9 @@ def serve(spec: dict[str, Any]) -> None:
 
     # A pool restarted after a crash reuses its socket path; the dead one left the file.
     Path(spec["socket"]).unlink(missing_ok=True)
-    server = _server_class(on_exit)(**options(app, spec["socket"]))
-    server.serve(target_loader=load)
+    server_class = _server_class(on_exit)       # checks the private parts it relies on
+    _environ_without_process_env()
+    server_class(**options(app, spec["socket"])).serve(target_loader=load)
 
 
 def _server_class(on_exit: Callable[[int, str], None] | None) -> type:
@@ -107,20 +108,21 @@ def _server_class(on_exit: Callable[[int, str], None] | None) -> type:
     thread also joins workers it stops; the two waitpid() calls race, and the loser
     logs "Killing worker after it refused to gracefully stop" for a worker that had
     stopped, on most reloads. Our watcher waits for the worker's exit without reaping
-    it (its sentinel), leaving the reaping to the main thread, and does what granian's
-    does on a crash (log, mark it for respawn, wake the main loop). It also records
-    each exit (`on_exit`), under a lock shared with forks: recording takes locks
-    (prometheus_client's, an import, the archive's flock) that a fork in the middle
-    would copy into the new worker held forever.
+    it (waitid with WNOWAIT: not the sentinel pipe, which a process the worker forked
+    keeps open after the worker died), leaving the reaping to the main thread, and does
+    what granian's does on a crash (log, mark it for respawn, wake the main loop). It
+    also records each exit (`on_exit`). All of that runs under a lock shared with forks:
+    it takes locks (prometheus_client's, an import, the archive's flock, stderr's
+    buffer) that a fork in the middle would copy into the new worker held forever.
     """
-    from multiprocessing.connection import wait
-
     from granian.log import logger as granian_log
     from granian.server.mp import MPServer
 
     fork_lock = threading.Lock()
 
     class Server(MPServer):
+        stopping = False            # set once granian shuts down (signal or crash loop)
+
         def _spawn_worker(self, idx: int, target: Any, callback_loader: Any) -> Any:
             worker = super()._spawn_worker(idx, target, callback_loader)
             start = worker.start
@@ -133,28 +135,63 @@ def _server_class(on_exit: Callable[[int, str], None] | None) -> type:
             worker._watcher = lambda: self._watch_worker(worker)
             return worker
 
+        def shutdown(self, exit_code: int = 0) -> None:
+            self.stopping = True
+            super().shutdown(exit_code)
+
         def _watch_worker(self, worker: Any) -> None:
-            wait([worker.inner.sentinel])
-            if worker.interrupt_by_parent:       # stopped by granian: shutdown or lifetime
-                cause = "shutdown" if self.interrupt_signal else "lifetime"
-            else:
-                cause = "crash"
-                granian_log.error("Unexpected exit from worker-%d", worker.idx + 1)
-                self.interrupt_children.append(worker.idx)
-                self.main_loop_interrupt.set()
-            if on_exit is not None:
-                with fork_lock:
+            try:
+                os.waitid(os.P_PID, worker.inner.pid, os.WEXITED | os.WNOWAIT)
+            except ChildProcessError:
+                pass                                # already reaped by the main thread
+            with fork_lock:
+                if worker.interrupt_by_parent:      # stopped by granian
+                    cause = "shutdown" if self.stopping or self.interrupt_signal \
+                        else "lifetime"
+                else:
+                    cause = "crash"
+                    granian_log.error("Unexpected exit from worker-%d", worker.idx + 1)
+                    self.interrupt_children.append(worker.idx)
+                    self.main_loop_interrupt.set()
+                if on_exit is not None:
                     on_exit(worker.inner.pid, cause)
 
+    import granian.server.mp as granian_mp
     from granian.server.common import AbstractWorker
 
     missing = [name for name in ("interrupt_children", "main_loop_interrupt", "interrupt_signal")
                if name not in MPServer.__init__.__code__.co_names]
     missing += [name for name in ("_watcher", "_watch") if not hasattr(AbstractWorker, name)]
+    missing += [name for name in ("_wsgi_call_wrap",) if not hasattr(granian_mp, name)]
     if missing:
         raise RuntimeError(f"this granian has no {', '.join(missing)}; install the version "
                            "range hostsvc supports (pip install 'hostsvc[granian]')")
     return Server
+
+
+def _environ_without_process_env() -> None:
+    """Keep the process environment out of every WSGI environ.
+
+    granian starts each request's environ from a copy of os.environ (CGI style). That
+    hands every secret in the pool's env to anything that logs or dumps an environ,
+    costs a dict copy per request, and turns a variable such as HTTP_PROXY into a
+    request header the client never sent (hostsvc.web's request.headers shows "Proxy").
+    gunicorn's environ has none of it. granian builds that base once per worker, in
+    the function patched here, so it is built while os.environ is empty.
+    """
+    import granian.server.mp as mp
+
+    build = mp._wsgi_call_wrap
+
+    def wrap(*args: Any, **kwargs: Any) -> Any:
+        saved = dict(os.environ)
+        os.environ.clear()
+        try:
+            return build(*args, **kwargs)
+        finally:
+            os.environ.update(saved)
+
+    mp._wsgi_call_wrap = wrap
 
 
 def _exit_recorder(app_name: str) -> Callable[[int, str], None]:

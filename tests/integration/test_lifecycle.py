@@ -251,7 +251,35 @@ def test_a_granian_worker_crash_loop_restarts_the_pool(hostsvc) -> None:
                      and a["pid"] not in (None, main) and a, timeout=30,
                      what="the pool to be restarted after granian gave up")
     assert state["restarts"] == 1
+    # both kills are crashes; granian's stop of what was left is no "lifetime" restart
+    text = svc.metrics_request("/metrics")[2].decode()
+    assert 'hostsvc_worker_restarts_total{app="echo",cause="crash"} 2.0' in text, text
+    assert 'cause="lifetime"' not in text, text
     assert "Worker crash loop detected" in svc.stderr()
     assert f"app=echo pid={main} event=exited" in svc.stderr()
     assert svc.get_json("/echo/")["app"] == "echo"
     assert svc.request("/hello/item/1")[2] == b"item 1"
+
+
+def test_a_dead_worker_is_replaced_even_if_its_child_lives_on(hostsvc) -> None:
+    """Review finding: the granian watcher waited for a worker's sentinel pipe, which a
+    process the worker forked keeps open: a crashed worker went unnoticed for good."""
+    svc = hostsvc(BASIC_CONFIG.replace("wsgi: echo:app", "wsgi: echo:app\n        workers: 1"))
+    doc = svc.get_json("/echo/?fork=120")
+    try:
+        os.kill(doc["pid"], signal.SIGKILL)
+        wait_for(lambda: (pids := svc.state()["apps"]["echo"]["worker_pids"]) and
+                 doc["pid"] not in pids, what="the killed worker to be replaced")
+        assert svc.get_json("/echo/")["pid"] != doc["pid"]
+    finally:
+        os.kill(doc["child"], signal.SIGKILL)
+
+
+def test_the_process_environment_stays_out_of_the_wsgi_environ(hostsvc) -> None:
+    """Review finding: granian copied os.environ into every environ, so HTTP_PROXY in
+    the pool's env became a Proxy request header (and every secret was in it)."""
+    svc = hostsvc(BASIC_CONFIG.replace("env: {GREETING: hello}",
+                                       "env: {GREETING: hello, HTTP_PROXY: 'http://leak'}"))
+    doc = svc.get_json("/echo/")
+    assert doc["greeting"] == "hello"                    # the app still sees its env
+    assert "Proxy" not in doc["headers"], doc["headers"]

@@ -11,6 +11,12 @@ def app(environ, start_response):
         open(query["touch"][0], "w").close()
     if "sleep" in query:
         time.sleep(float(query["sleep"][0]))
+    child = None
+    if "fork" in query:         # a child (fork, no exec: it holds every fd) that outlives us
+        child = os.fork()
+        if child == 0:
+            time.sleep(float(query["fork"][0]))
+            os._exit(0)
     body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
     doc = {
         "script_name": environ.get("SCRIPT_NAME"),
@@ -21,6 +27,7 @@ def app(environ, start_response):
         "pid": os.getpid(),
         "ppid": os.getppid(),
         "body_length": len(body),
+        "child": child,
         "headers": {k[5:].replace("_", "-").title(): v for k, v in environ.items()
                     if k.startswith("HTTP_")},
     }
