@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import string
 import sys
+from types import MethodType
 from typing import Any, Callable, Iterable
 
 from .context import serving
@@ -93,6 +94,17 @@ class Resolution:
 _ROUTE_CACHE_LIMIT = 4096
 
 
+def _attributes_of(node: Any) -> Any:
+    """Where to read `node`'s attributes: a bound method's function, else the node.
+
+    The function has the same attributes under every name dispatch reads (MethodType
+    adds dunders only), and a miss on it costs ~50 ns against ~900 ns on the bound
+    method, which raises and catches an AttributeError inside. Handlers are bound
+    methods, and a path that walks past one (`/item/42`) reads four missing names.
+    """
+    return node.__func__ if type(node) is MethodType else node
+
+
 class Dispatcher:
     """CherryPy's default dispatcher: walk attributes segment by segment."""
 
@@ -119,18 +131,23 @@ class Dispatcher:
             self._add(sources, conf, "/")
         trail: list[Any] = [root]
         trail_segleft = [fullpath_len]
-        node = root
+        node = attrs = root
         names = fullpath[:]
         translate = self.translate
+        # The default table maps ASCII punctuation only: an alphanumeric name keeps as is.
+        plain_unchanged = translate is _TRANSLATE
         static = True
         while names:
             name = names[0]
-            objname = name.translate(translate)
             pre_len = len(names)
-            subnode = None if objname.startswith("_") or node is None \
-                else getattr(node, objname, None)
+            if node is None:
+                subnode = None
+            else:
+                objname = name if plain_unchanged and name.isalnum() \
+                    else name.translate(translate)
+                subnode = None if objname.startswith("_") else getattr(attrs, objname, None)
             if subnode is None:
-                disp = getattr(node, DISPATCH_METHOD, None) if node is not None else None
+                disp = getattr(attrs, DISPATCH_METHOD, None) if node is not None else None
                 if disp is not None and callable(disp) and \
                         not getattr(disp, "exposed", False) and pre_len > 1:
                     index_name = names.pop()
@@ -148,8 +165,9 @@ class Dispatcher:
                 names.pop(0)
                 segleft -= 1
             node = subnode
+            attrs = _attributes_of(node)
             if node is not None:
-                conf = getattr(node, "_cp_config", None)
+                conf = getattr(attrs, "_cp_config", None)
                 if conf:
                     sources.append(conf)
             if app_config:
@@ -169,14 +187,15 @@ class Dispatcher:
             if candidate is None:
                 continue
             segleft = trail_segleft[i]
-            default = getattr(candidate, "default", None)
+            attrs = _attributes_of(candidate)
+            default = getattr(attrs, "default", None)
             if default is not None and getattr(default, "exposed", False):
-                conf = getattr(default, "_cp_config", None)
+                conf = getattr(_attributes_of(default), "_cp_config", None)
                 if conf:
                     sources.append(conf)
                 return Resolution(default, fullpath[fullpath_len - segleft:-1], sources,
                                   path.endswith("/"), static)
-            if getattr(candidate, "exposed", False):
+            if getattr(attrs, "exposed", False):
                 return Resolution(candidate, fullpath[fullpath_len - segleft:-1], sources,
                                   i == last, static)
         return Resolution(None, [], sources, None, static)

@@ -54,10 +54,30 @@ def make_app(fw):
         def known(self):
             return "known"
 
+    class PostOnly:
+        # Tool config on a method is read from the bound method as the path is walked.
+        @fw.expose
+        @fw.tools.allow(methods=["POST"])
+        def default(self, *args):
+            return "posted " + "/".join(args)
+
+        @fw.expose
+        @fw.tools.allow(methods=["POST"])
+        def only(self):
+            return "only"
+
     class Root:
         users = Users()
         dyn = Dyn()
         catch = Catch()
+        postonly = PostOnly()
+
+        @fw.expose
+        def parent(self):
+            return "parent"
+
+        # A node reached through an attribute of a bound method's function.
+        parent.child = fw.expose(lambda *args: "child " + "/".join(args))
 
         @fw.expose
         def index(self):
@@ -127,7 +147,9 @@ PATHS = [
     ("GET", "/users/42/"), ("GET", "/users/42/orders?limit=5"), ("GET", "/users"),
     ("GET", "/users/"), ("GET", "/dyn/abc/detail"), ("GET", "/dyn/abc"), ("GET", "/catch/x/y?k=v"),
     ("GET", "/catch/known"), ("GET", "/catch"), ("GET", "/catch/"), ("GET", "/index/extra"),
-    ("GET", "/%70ath-encoded"),
+    ("GET", "/%70ath-encoded"), ("GET", "/postonly/a/b"), ("POST", "/postonly/a/b"),
+    ("GET", "/postonly/only"), ("POST", "/postonly/only"), ("GET", "/parent"),
+    ("GET", "/parent/child/x/y"), ("GET", "/parent/nothing"),
 ]
 API_PATHS = [
     ("GET", "/notes"), ("GET", "/notes/7"), ("POST", "/notes?title=t"), ("DELETE", "/notes/3"),
