@@ -1,10 +1,12 @@
 """The applications the framework benchmark serves, one module so every server loads the same code.
 
-Three WSGI apps, each reachable by name (``APP_SPECS``):
+WSGI apps, each reachable by name (``APP_SPECS``):
 
 * ``raw``: a hand-written WSGI hello, the floor: what the server costs with no framework.
 * ``hostsvc``: one hostsvc.web tree with ``/`` (hello) and ``/item/<id>?q=`` (a path
   argument and a query argument), at default config, as an app author would write it.
+* ``hostsvc-proxied``: that tree with ``tools.proxy.on``, as hostsvc mounts it (in-process
+  timing only).
 * ``cherrypy``: the same tree written for CherryPy 18, mounted with ``cherrypy.tree.mount``
   and served as WSGI, the peer hostsvc.web promises to beat.
 
@@ -44,6 +46,9 @@ class HostsvcRoot:
 
 
 hostsvc_app = web.Application(HostsvcRoot())
+# The same tree as hostsvc mounts it: its loader turns tools.proxy on for every object
+# tree (only hostsvc's nginx reaches a pool), so every request reads forwarded headers.
+hostsvc_proxied_app = web.Application(HostsvcRoot(), config={"/": {"tools.proxy.on": True}})
 
 
 def cherrypy_app() -> WSGIApp:
@@ -71,6 +76,7 @@ def cherrypy_app() -> WSGIApp:
 APP_SPECS: dict[str, str] = {
     "raw": "raw_hello",
     "hostsvc": "hostsvc_app",
+    "hostsvc-proxied": "hostsvc_proxied_app",
     "cherrypy": "cherrypy_app()",
 }
 

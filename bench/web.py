@@ -299,6 +299,13 @@ def base_environ(path: str) -> dict[str, Any]:
     }
 
 
+def granian_environ_extra() -> dict[str, Any]:
+    """What granian adds to every environ besides the request: a copy of the worker's
+    whole os.environ (granian 2.8's wsgi.py), plus its own constants."""
+    return {**os.environ, "GATEWAY_INTERFACE": "CGI/1.1", "SERVER_SOFTWARE": "Granian",
+            "wsgi.input_terminated": True}
+
+
 def _start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None
                     ) -> Callable[[bytes], None]:
     return _write
@@ -308,15 +315,17 @@ def _write(data: bytes) -> None:
     """WSGI's legacy write(); none of the apps use it."""
 
 
-def make_caller(app: apps.WSGIApp, path: str, distinct_ids: int = 0) -> Callable[[], None]:
+def make_caller(app: apps.WSGIApp, path: str, distinct_ids: int = 0,
+                extra_environ: dict[str, Any] | None = None) -> Callable[[], None]:
     """One request as a server performs it: a fresh environ and wsgi.input, the body
     iterated and closed. The raw app pays the same, so subtracting it leaves the framework.
 
     With `distinct_ids`, the path's last segment cycles through that many ids
     (`/item/0`, `/item/1`, ...): real traffic to `/item/<id>` rarely repeats a URL, so
     this shows what a per-URL cache in the framework is worth when it misses.
+    `extra_environ` goes under the request's own keys (see `granian_environ_extra`).
     """
-    base = base_environ(path)
+    base = {**(extra_environ or {}), **base_environ(path)}
     bytes_io = io.BytesIO
     prefix = base["PATH_INFO"].rpartition("/")[0]
     path_infos = itertools.cycle([f"{prefix}/{i}" for i in range(distinct_ids)]
@@ -371,6 +380,15 @@ def framework_costs(seconds: float) -> list[str]:
         total = time_per_call_us(make_caller(loaded[case.app], case.path, ids), seconds)
         lines.append(f"us/call  {key} {label:<24} {total:8.2f} us  "
                      f"framework cost {total - raw_us:8.2f} us/request")
+    # Row b as hostsvc serves it on granian: tools.proxy on, granian's larger environ
+    # (the raw app is timed again with that environ, since copying it costs too).
+    extra = granian_environ_extra()
+    raw_g = time_per_call_us(make_caller(loaded["raw"], HELLO_PATH, 0, extra), seconds)
+    total = time_per_call_us(make_caller(loaded["hostsvc-proxied"], HELLO_PATH, 0, extra),
+                             seconds)
+    lines.append(f"us/call  b* {'  ... proxy, granian env':<24} {total:8.2f} us  "
+                 f"framework cost {total - raw_g:8.2f} us/request  (raw {raw_g:.2f} us, "
+                 f"{len(extra)} keys added)")
     return lines
 
 

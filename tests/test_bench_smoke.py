@@ -39,6 +39,8 @@ def test_quick_benchmark_prints_every_row_and_ratio() -> None:
     for key in ("b ", "c ", "d ", "e ", "c'", "e'"):
         assert re.search(rf"^us/call  {key} .*framework cost\s+-?[\d.]+ us/request$", out,
                          re.M), f"missing framework cost of row {key}:\n{out}"
+    assert re.search(r"^us/call  b\* .*framework cost\s+-?[\d.]+ us/request  \(raw ", out,
+                     re.M), f"missing framework cost of row b*:\n{out}"
 
 
 FULL_ROW = re.compile(r"^([A-F])  .*?\s([\d.]+) req/s  p50\s+[\d.]+ ms  p99\s+[\d.]+ ms  errors (\d+)$",
