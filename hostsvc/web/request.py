@@ -19,6 +19,40 @@ METHODS_WITH_BODIES = frozenset(("POST", "PUT", "PATCH"))
 FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
 JSON_TYPES = ("application/json", "text/javascript")
 DEFAULT_MAX_BODY_SIZE = 100 * 1024 * 1024
+# Headers whose environ keys have no HTTP_ prefix; `Request.header` leaves them to `headers`.
+_UNPREFIXED = frozenset(("CONTENT_TYPE", "CONTENT_LENGTH"))
+
+# Environ key -> header name ("HTTP_X_REAL_IP" -> "X-Real-Ip"), "" for other keys, and
+# header name -> environ key for `Request.header`, "" where it defers to `headers`. A
+# worker meets the same few dozen of each on every request (granian's environ also holds
+# the whole os.environ), so each is worked out once. Clients choose header names: bounded.
+_HEADER_NAMES: dict[str, str] = {}
+_ENVIRON_KEYS: dict[str, str] = {}
+_NAME_CACHE_LIMIT = 4096
+
+
+def _remember(cache: dict[str, str], key: str, value: str) -> str:
+    if len(cache) >= _NAME_CACHE_LIMIT:
+        cache.clear()
+    cache[key] = value
+    return value
+
+
+def _header_name(key: str) -> str:
+    """The header name for environ `key` ("" if it is not a header), remembered."""
+    return _remember(_HEADER_NAMES, key,
+                     key[5:].replace("_", "-").title() if key.startswith("HTTP_") else "")
+
+
+def _environ_key(name: str) -> str:
+    """The environ key `Request.header` reads for `name` ("" to use `headers`), remembered.
+
+    A name with "_" or outside ASCII, or Content-Type/-Length (no HTTP_ prefix in the
+    environ), is one where `headers` might find what the plain key would not.
+    """
+    key = name.upper().replace("-", "_")
+    plain = "_" not in name and name.isascii() and key not in _UNPREFIXED
+    return _remember(_ENVIRON_KEYS, name, "HTTP_" + key if plain else "")
 
 
 def wsgi_to_str(value: str) -> str | None:
@@ -152,14 +186,32 @@ class Request:
     def headers(self) -> HeaderMap:
         env = self.wsgi_environ
         h = HeaderMap()
+        known = _HEADER_NAMES.get
         for key, value in env.items():
-            if key.startswith("HTTP_"):
-                dict.__setitem__(h, key[5:].replace("_", "-").title(), value)
+            name = known(key)
+            if name is None:
+                name = _header_name(key)
+            if name:
+                dict.__setitem__(h, name, value)
         if "CONTENT_TYPE" in env and env["CONTENT_TYPE"]:
             dict.__setitem__(h, "Content-Type", env["CONTENT_TYPE"])
         if "CONTENT_LENGTH" in env and env["CONTENT_LENGTH"]:
             dict.__setitem__(h, "Content-Length", env["CONTENT_LENGTH"])
         return h
+
+    def header(self, name: str) -> str | None:
+        """`headers.get(name)`, without building `headers` when it does not exist yet.
+
+        For tools that read a header or two on every request (tools.proxy): `headers`
+        costs a step per environ key, and granian's environ holds the server's whole
+        os.environ. Once `headers` exists (a tool may have changed it), it answers.
+        """
+        key = _ENVIRON_KEYS.get(name)
+        if key is None:
+            key = _environ_key(name)
+        if not key or "headers" in self.__dict__:
+            return self.headers.get(name)
+        return self.wsgi_environ.get(key)
 
     @lazy_property
     def query(self) -> dict[str, Any]:

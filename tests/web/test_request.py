@@ -143,6 +143,65 @@ def test_request_attributes_and_headers():
     assert r.text == "GET||/info|q=1|yes|127.0.0.1|http://testserver|cookie"
 
 
+# Names header() reads straight from the environ, then names it leaves to `headers`.
+PLAIN_NAMES = ["X-Custom", "x-custom", "HOST", "X-Under", "X-Missing", "Cookie"]
+DEFERRED_NAMES = ["Content-Type", "content-length", "X_Under", "X-Cüstom"]
+
+
+def test_header_reads_one_header_as_headers_would():
+    class T:
+        @web.expose
+        def one(self):
+            values = [web.request.header(name) for name in PLAIN_NAMES]
+            built = "headers" in web.request.__dict__
+            values += [web.request.header(name) for name in DEFERRED_NAMES]
+            return repr((built, values))
+
+        @web.expose
+        def full(self):
+            return repr((False, [web.request.headers.get(name)
+                                 for name in PLAIN_NAMES + DEFERRED_NAMES]))
+
+    c = Client(web.Application(T()))
+    sent = {"X-Custom": "yes", "Content-Type": "text/plain", "X_Under": "u", "Cookie": "a=b"}
+    environ = {"HTTP_CONTENT_TYPE": "sneaky", "HTTP_X_CÜSTOM": "ü"}
+    one = c.post("/one", body="hi", headers=sent, environ=environ)
+    full = c.post("/full", body="hi", headers=sent, environ=environ)
+    assert one.code == full.code == 200
+    assert one.text == full.text  # and the plain names did not build `headers`
+    assert eval(one.text)[1][:3] == ["yes", "yes", "testserver"]
+
+
+def test_header_sees_what_a_tool_changed_in_headers():
+    def rewrite():
+        web.request.headers["X-Custom"] = "rewritten"
+
+    web.tools.rewrite_header = web.Tool("on_start_resource", rewrite)
+
+    class T:
+        @web.expose
+        @web.tools.rewrite_header()
+        def index(self):
+            return web.request.header("X-Custom")
+
+    c = Client(web.Application(T()))
+    assert c.get("/", headers={"X-Custom": "sent"}).text == "rewritten"
+
+
+def test_header_name_caches_stay_bounded():
+    """Clients choose header names, so the caches of their spellings must not grow forever."""
+    from hostsvc.web.request import (_ENVIRON_KEYS, _HEADER_NAMES, _NAME_CACHE_LIMIT,
+                                     _environ_key, _header_name)
+
+    for i in range(_NAME_CACHE_LIMIT + 10):
+        _header_name(f"HTTP_X_{i}")
+        _environ_key(f"X-{i}")
+    assert 0 < len(_HEADER_NAMES) <= _NAME_CACHE_LIMIT
+    assert 0 < len(_ENVIRON_KEYS) <= _NAME_CACHE_LIMIT
+    assert _header_name("HTTP_X_LAST_ONE") == "X-Last-One"
+    assert _environ_key("X-Last-One") == "HTTP_X_LAST_ONE"
+
+
 def test_utf8_path_segments_are_decoded_once():
     class T:
         @web.expose
