@@ -92,7 +92,9 @@ class RequestBody:
     """The request body as a stream, bounded by Content-Length and `request.max_body_size`.
 
     Reading past the configured maximum raises a 413, whether or not the client sent
-    a Content-Length (chunked uploads are checked as they are read).
+    a Content-Length (chunked uploads are checked as they are read). Only the server's
+    read() is used: granian 2.8's readline() drops the newline and then reports the end
+    of the body, so lines are cut here, from blocks of up to 8 KiB.
     """
 
     def __init__(self, stream: BinaryIO, length: int | None, max_size: int) -> None:
@@ -101,7 +103,8 @@ class RequestBody:
         self.fp = stream
         self.length = length
         self.max_size = max_size
-        self._read = 0
+        self._read = 0  # bytes taken from the stream: what the limits and draining count
+        self._pending = b""  # taken from the stream by readline() but not handed out yet
         self.params: dict[str, Any] = {}
 
     def _budget(self, size: int) -> int:
@@ -116,7 +119,8 @@ class RequestBody:
             raise HTTPError(413, f"The request body is larger than {self.max_size} bytes.")
         return data
 
-    def read(self, size: int = -1) -> bytes:
+    def _pull(self, size: int) -> bytes:
+        """Up to `size` more bytes from the stream (-1: all that is left), within limits."""
         size = self._budget(size)
         if size == 0:
             return b""
@@ -129,11 +133,33 @@ class RequestBody:
                 chunks.append(chunk)
         return self._account(self.fp.read(size))
 
+    def read(self, size: int = -1) -> bytes:
+        pending = self._pending
+        if not pending:
+            return self._pull(size)
+        if 0 <= size <= len(pending):
+            self._pending = pending[size:]
+            return pending[:size]
+        self._pending = b""
+        return pending + self._pull(size - len(pending) if size > 0 else -1)
+
     def readline(self, size: int = -1) -> bytes:
-        size = self._budget(size)
-        if size == 0:
-            return b""
-        return self._account(self.fp.readline(size) if size > 0 else self.fp.readline())
+        """The next line, newline included, or at most `size` bytes of it."""
+        line = bytearray()
+        while size < 0 or len(line) < size:
+            if not self._pending:
+                self._pending = self._pull(8192)
+                if not self._pending:
+                    break
+            pending = self._pending
+            limit = len(pending) if size < 0 else min(len(pending), size - len(line))
+            end = pending.find(b"\n", 0, limit)
+            take = end + 1 if end >= 0 else limit
+            line += pending[:take]
+            self._pending = pending[take:]
+            if end >= 0:
+                break
+        return bytes(line)
 
     def __iter__(self):
         while True:

@@ -1,4 +1,5 @@
-"""A tree using every framework feature, served by real gunicorn in test_under_gunicorn."""
+"""A tree using every framework feature, served by real servers: gunicorn in
+test_under_gunicorn, granian in test_granian_server."""
 from __future__ import annotations
 
 import os
@@ -88,12 +89,31 @@ class Root:
     def moved(self):
         raise web.HTTPRedirect("/hello?name=moved")
 
+    @web.expose
+    def lines(self):
+        """The body's lines as the handler iterates them (readline under the hood)."""
+        return repr([line for line in web.request.body])
+
+    @web.expose
+    def where(self):
+        r = web.request
+        return f"{r.script_name}|{r.path_info}|{web.url('/x')}"
+
+
+def not_found_page(status, message, traceback, version):
+    return f"<h1>Nothing here</h1><p>{status}: {message}</p>"
+
 
 CONFIG = {
-    "/": {"request.max_body_size": 64 * 1024, "tools.proxy.on": True},
+    "/": {"request.max_body_size": 64 * 1024, "tools.proxy.on": True,
+          "error_page.404": not_found_page},
     "/api": {"request.dispatch": "method", "tools.json_out.on": True},
     "/api/notes": {"tools.json_in.on": True, "tools.json_in.force": False},
     "/stream": {"tools.gzip.on": True, "tools.gzip.mime_types": ["text/*"]},
+    "/static": {"tools.staticdir.on": True, "tools.staticdir.dir": HERE},
 }
 
 application = web.Application(Root(), config=CONFIG)
+# The same tree mounted at /app and served directly, so the application itself moves the
+# prefix into SCRIPT_NAME (paths outside it are served as they are).
+mounted = web.Application(Root(), "/app", config=CONFIG)

@@ -1,9 +1,14 @@
 """Request parsing: query strings, forms, multipart uploads, JSON bodies, limits, cookies."""
 from __future__ import annotations
 
+import io
 import threading
 
+import pytest
+
 from hostsvc import web
+from hostsvc.web.errors import HTTPError
+from hostsvc.web.request import RequestBody
 from hostsvc.web.testing import Client
 
 
@@ -200,6 +205,39 @@ def test_header_name_caches_stay_bounded():
     assert 0 < len(_ENVIRON_KEYS) <= _NAME_CACHE_LIMIT
     assert _header_name("HTTP_X_LAST_ONE") == "X-Last-One"
     assert _environ_key("X-Last-One") == "HTTP_X_LAST_ONE"
+
+
+class ReadOnlyInput(io.BytesIO):
+    """A wsgi.input whose readline() must not be used (granian's loses data)."""
+
+    def readline(self, *args):
+        raise AssertionError("the server's readline() was called")
+
+
+def test_body_lines_come_from_read_and_mix_with_reads():
+    body = RequestBody(ReadOnlyInput(b"ab\ncd\n\nefgh"), 11, 0)
+    assert body.readline() == b"ab\n"
+    assert body.read(1) == b"c"
+    assert body.readline(1) == b"d"
+    assert body.readline(5) == b"\n"
+    assert list(body) == [b"\n", b"efgh"]
+    assert (body.readline(), body.read()) == (b"", b"")
+    assert body._read == 11  # all of Content-Length taken: nothing left to drain
+
+
+def test_body_read_hands_out_what_readline_took_first():
+    body = RequestBody(ReadOnlyInput(b"line\n" + b"x" * 20000), None, 0)
+    assert body.readline() == b"line\n"
+    assert body._read == 8192  # a block was taken from the stream
+    assert body.read(3) == b"xxx"
+    assert body.read() == b"x" * 19997
+
+
+def test_body_line_over_the_size_limit_is_413():
+    body = RequestBody(ReadOnlyInput(b"y" * 20000), None, 10000)
+    with pytest.raises(HTTPError) as err:
+        body.readline()
+    assert err.value.code == 413
 
 
 def test_utf8_path_segments_are_decoded_once():

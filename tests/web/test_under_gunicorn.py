@@ -5,42 +5,29 @@ import gzip
 import http.client
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from support.ports import free_port, wait_for_port
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def server():
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "gunicorn", "--chdir", HERE, "--bind", f"127.0.0.1:{port}",
          "--workers", "1", "--threads", "4", "--worker-class", "gthread",
          "--log-level", "warning", "featured_app:application"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError("gunicorn did not start: " + proc.stdout.read().decode())
-            time.sleep(0.05)
+    if not wait_for_port(port, 20, lambda: proc.poll() is None):
+        proc.kill()
+        raise RuntimeError("gunicorn did not start: " + proc.communicate()[0].decode())
     yield port
     proc.terminate()
     out, _ = proc.communicate(timeout=20)
@@ -142,3 +129,8 @@ def test_oversized_body_gets_413_not_a_reset(server):
         status, _, body = request(server, "POST", "/upload", big,
                                   {"Content-Type": "multipart/form-data; boundary=b0undary"})
         assert status == 413 and b"larger than" in body
+
+
+def test_body_lines_keep_their_newlines(server):
+    status, _, body = request(server, "POST", "/lines", b"a\nbb\n\nc")
+    assert (status, body) == (200, repr([b"a\n", b"bb\n", b"\n", b"c"]).encode())
