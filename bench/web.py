@@ -79,7 +79,8 @@ SERVER_CASES = {"gunicorn": "abcde", "granian": "abc", "cherrypy": "abcde"}
 
 @dataclass
 class Result:
-    """What wrk measured for one case on one server."""
+    """What wrk measured for one case on one server: medians of the rounds, the range of
+    req/s over the rounds (how much the machine moved), and all errors."""
 
     case: Case
     server: str
@@ -87,6 +88,8 @@ class Result:
     p50_ms: float
     p99_ms: float
     errors: int
+    rps_low: float
+    rps_high: float
 
 
 # -- servers ---------------------------------------------------------------------------
@@ -246,7 +249,8 @@ def measure_servers(duration: int, connections: int, warmup: int,
         runs = samples[server, case.key]
         results.append(Result(case, server, median(r[0] for r in runs),
                               median(r[1] for r in runs), median(r[2] for r in runs),
-                              sum(r[3] for r in runs)))
+                              sum(r[3] for r in runs), min(r[0] for r in runs),
+                              max(r[0] for r in runs)))
     return results
 
 
@@ -254,7 +258,8 @@ def format_row(r: Result) -> str:
     """One table line; the smoke test parses `<key> ... <req/s> req/s`."""
     return (f"{r.case.key}  {r.case.label:<24} {SERVER_LABELS[r.server]:<20} "
             f"{r.case.path:<14} {r.rps:>10.1f} req/s  p50 {r.p50_ms:>7.2f} ms  "
-            f"p99 {r.p99_ms:>8.2f} ms  errors {r.errors}")
+            f"p99 {r.p99_ms:>8.2f} ms  errors {r.errors}  "
+            f"rounds {r.rps_low:.0f}-{r.rps_high:.0f}")
 
 
 def ratio_lines(results: list[Result]) -> list[str]:
