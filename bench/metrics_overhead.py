@@ -3,14 +3,18 @@
 No server and no sockets, so the difference between the rows is the middleware alone:
 a counter, three histogram observations and an in-flight inc/dec in prometheus-client's
 multiprocess mode (mmap files in a temporary PROMETHEUS_MULTIPROC_DIR), as in a gunicorn
-worker. Requests are made and timed by bench/web.py's helpers (fresh environ, body
-iterated and closed, best of several rounds). Compare numbers of one run only.
+worker, on instrument()'s fast path and, for comparison, through prometheus_client's
+public API (HOSTSVC_METRICS_FAST=0). Requests are made and timed by bench/web.py's
+helpers (fresh environ, body iterated and closed, best of several rounds). Compare
+numbers of one run only. A real worker pays about three times these figures: each of
+its requests finds the CPU caches cold (docs/metrics.md).
 
     .venv/bin/python bench/metrics_overhead.py [--seconds 1]
 """
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import tempfile
@@ -59,12 +63,15 @@ def main() -> None:
         print(f"for scale, now on this machine: counter inc {inc:.2f} us, histogram "
               f"observe {observe:.2f} us; instrument() does 1 inc, 3 observes and an "
               f"inc/dec pair per request (~{3 * inc + 3 * observe:.1f} us)")
-        for label, app in (("hello, list body", apps.raw_hello),
-                           ("hello, streamed body", hello_streamed)):
+        rows = (("hello, list body", apps.raw_hello, "1"),
+                ("hello, streamed body", hello_streamed, "1"),
+                ("list body, public API", apps.raw_hello, "0"))
+        for label, app, fast in rows:
+            os.environ["HOSTSVC_METRICS_FAST"] = fast    # read when the first call binds
             bare = web.time_per_call_us(web.make_caller(with_request_start(app), "/"),
                                         args.seconds)
             wrapped = web.time_per_call_us(
-                web.make_caller(with_request_start(instrument("bench", app)), "/"),
+                web.make_caller(with_request_start(instrument(label, app)), "/"),
                 args.seconds)
             print(f"{label:22s} bare {bare:6.2f} us  instrumented {wrapped:6.2f} us  "
                   f"overhead {wrapped - bare:6.2f} us/request")

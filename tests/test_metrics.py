@@ -20,6 +20,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator
@@ -352,6 +353,130 @@ def test_gthread_worker_counts_concurrent_requests(gunicorns: list[Gunicorn],
                  method="GET", le="1.0") == 0
     assert value(samples, "hostsvc_http_request_duration_seconds_bucket", app="epsilon",
                  method="GET", le="2.5") == 3
+
+
+# -- instrument() in this process: the fast path against the public API ----------------
+def _app(environ: dict[str, Any], start_response: Any) -> Any:
+    """/<code>?<size>: that status and body size; /stream: 3 chunks; /raise: an error."""
+    path, size = environ["PATH_INFO"], int(environ.get("QUERY_STRING") or 0)
+    if path == "/raise":
+        raise RuntimeError("app error")
+    start_response(f"{path[1:4] if path != '/stream' else '200'} X", [])
+    if path == "/stream":
+        return iter([b"12345"] * 3)
+    return [b"x" * size]
+
+
+def _drive(app: Any, requests: list[tuple[str, str, str]]) -> None:
+    """Send (method, path, query) requests as a server does: body iterated, closed."""
+    import io
+
+    for method, path, query in requests:
+        environ = {"REQUEST_METHOD": method, "PATH_INFO": path, "QUERY_STRING": query,
+                   "wsgi.input": io.BytesIO(b""), "HTTP_X_REQUEST_START": "t=1000.000"}
+        try:
+            body = app(environ, lambda status, headers, exc_info=None: None)
+        except RuntimeError:
+            continue
+        for _ in body:
+            pass
+        getattr(body, "close", lambda: None)()
+
+
+def _file_values(mp: Path, pid: int, app: str) -> dict[tuple[str, str], float]:
+    """`app`'s values in the files of process `pid`, by (series name, labels as JSON)."""
+    from prometheus_client.mmap_dict import MmapedDict
+
+    found = {}
+    for f in mp.glob(f"*_{pid}.db"):
+        for key, v, _ts, _pos in MmapedDict.read_all_values_from_file(str(f)):
+            _metric, name, labels, _help = json.loads(key)
+            if labels.pop("app", None) == app:
+                found[(name, json.dumps(labels, sort_keys=True))] = v
+    return found
+
+
+def _in_child(test: Any, mp: Path) -> int:
+    """Run `test` in a forked child writing its metrics to `mp`; return the child's pid.
+
+    prometheus_client copies every value a process created into the files of each child
+    it forks later (other tests fork hundreds), so an in-process test's values must
+    neither exist in this process nor land in the module's directory."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read)
+        try:
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(mp)
+            test()
+            os._exit(0)
+        except BaseException:
+            os.write(write, traceback.format_exc().encode())
+            os._exit(1)
+    os.close(write)
+    with os.fdopen(read, "rb") as fh:
+        report = fh.read().decode()
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0, report
+    return pid
+
+
+def _recorder(middleware: Any) -> Any:
+    return middleware.__closure__[middleware.__code__.co_freevars.index("recorder")] \
+        .cell_contents
+
+
+REQUESTS = [("GET", "/200", "13"), ("GET", "/404", "0"), ("POST", "/201", "5000"),
+            ("PURGE", "/200", "7"), ("GET", "/stream", ""), ("DELETE", "/raise", "")] * 3
+
+
+def test_fast_path_writes_what_the_public_api_writes(tmp_path: Path, monkeypatch: Any
+                                                     ) -> None:
+    """Same requests, same clock: every value in the files must be equal, including for
+    series bound after the library grew the file and mapped it again."""
+    _in_child(lambda: _compare_fast_and_public(tmp_path, monkeypatch), tmp_path)
+
+
+def _compare_fast_and_public(mp: Path, monkeypatch: Any) -> None:
+    clock = iter(range(10**9))
+    monkeypatch.setattr(time, "perf_counter", lambda: next(clock) / 256)   # exact sums
+    monkeypatch.setattr(time, "time", lambda: 1000.25)
+    later = [("PUT", "/200", "99"), ("GET", "/503", "1"), ("GET", "/200", "13")]
+    fast = instrument("fastpath", _app)
+    _drive(fast, REQUESTS)
+    assert _recorder(fast).lock is not None, "the fast path is off: nothing to compare"
+    # Grow this process's histogram file past its first mapping (64 KiB).
+    from prometheus_client import Histogram
+
+    filler = Histogram("test_filler_seconds", "grows the file", ["n"], registry=None)
+    for n in range(60):
+        filler.labels(f"{n:0>40}").observe(1.0)
+    assert os.path.getsize(mp / f"histogram_{os.getpid()}.db") > 65536
+    _drive(fast, later)
+    monkeypatch.setenv("HOSTSVC_METRICS_FAST", "0")
+    public = instrument("publicapi", _app)
+    _drive(public, REQUESTS + later)
+    assert _recorder(public).lock is None
+    written = _file_values(mp, os.getpid(), "fastpath")
+    assert written == _file_values(mp, os.getpid(), "publicapi")
+    total = '{"code": "200", "code_class": "2xx", "method": "GET"}'
+    assert written[("hostsvc_http_requests_total", total)] == 7   # 3 + 3 streamed + 1
+    assert written[("hostsvc_http_requests_in_flight", "{}")] == 0
+
+
+def test_child_forked_after_binding_writes_its_own_files(tmp_path: Path) -> None:
+    """A child forked from a worker that has bound must not write the parent's files
+    (and must not fail: the library closes the parent's mappings in the child)."""
+    _in_child(lambda: _fork_after_binding(tmp_path), tmp_path)
+
+
+def _fork_after_binding(mp: Path) -> None:
+    app = instrument("forked", _app)
+    _drive(app, REQUESTS[:3])
+    parent = _file_values(mp, os.getpid(), "forked")
+    child = _in_child(lambda: _drive(app, REQUESTS), mp)
+    assert _file_values(mp, os.getpid(), "forked") == parent
+    assert sum(v for (name, _), v in _file_values(mp, child, "forked").items()
+               if name == "hostsvc_http_requests_total") == len(REQUESTS)
 
 
 # -- the supervisor's endpoints ---------------------------------------------------------
