@@ -56,10 +56,10 @@ SPECS: tuple[Spec, ...] = (
     Spec("hostsvc_http_response_size_bytes", "histogram", ("app",),
          "Response body size in bytes, counted as the body is sent.", "worker",
          SIZE_BUCKETS),
-    # -- written by gunicorn arbiters (gunicorn_hooks()) ----------------------------------
+    # -- written by pools' main processes (worker_exited()) --------------------------------
     Spec("hostsvc_worker_restarts_total", "counter", ("app", "cause"),
          "Worker processes that exited and were replaced, by cause: crash, timeout, "
-         "max_requests.", "arbiter"),
+         "max_requests (gunicorn), lifetime (granian).", "arbiter"),
     # -- written by the supervisor (MetricsServer upstream-error endpoint) ------------------
     Spec("hostsvc_proxy_errors_total", "counter", ("app", "code"),
          "Errors nginx answered itself because the app's pool was down, missing or too "
