@@ -385,7 +385,7 @@ def framework_costs(seconds: float) -> list[str]:
         total = time_per_call_us(make_caller(loaded[case.app], case.path, ids), seconds)
         lines.append(f"us/call  {key} {label:<24} {total:8.2f} us  "
                      f"framework cost {total - raw_us:8.2f} us/request")
-    # Row b as hostsvc serves it on granian: tools.proxy on, granian's larger environ
+    # Row b with tools.proxy on (as hostsvc mounts every tree), bare granian's environ
     # (the raw app is timed again with that environ, since copying it costs too).
     extra = granian_environ_extra()
     raw_g = time_per_call_us(make_caller(loaded["raw"], HELLO_PATH, 0, extra), seconds)

@@ -24,7 +24,7 @@ _UNPREFIXED = frozenset(("CONTENT_TYPE", "CONTENT_LENGTH"))
 
 # Environ key -> header name ("HTTP_X_REAL_IP" -> "X-Real-Ip"), "" for other keys, and
 # header name -> environ key for `Request.header`, "" where it defers to `headers`. A
-# worker meets the same few dozen of each on every request (granian's environ also holds
+# worker meets the same few dozen of each on every request (bare granian's also holds
 # the whole os.environ), so each is worked out once. Clients choose header names: bounded.
 _HEADER_NAMES: dict[str, str] = {}
 _ENVIRON_KEYS: dict[str, str] = {}
@@ -229,7 +229,7 @@ class Request:
         """`headers.get(name)`, without building `headers` when it does not exist yet.
 
         For tools that read a header or two on every request (tools.proxy): `headers`
-        costs a step per environ key, and granian's environ holds the server's whole
+        costs a step per environ key, and bare granian's environ holds the server's whole
         os.environ. Once `headers` exists (a tool may have changed it), it answers.
         """
         key = _ENVIRON_KEYS.get(name)
