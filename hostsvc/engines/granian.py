@@ -15,9 +15,10 @@ keepalive and max_requests are gunicorn's only (the config refuses them here).
 Embedding: the app is built in the main process before any worker is forked (as
 gunicorn's preload_app), so an import error ends the pool before it is ready, and each
 worker gets it through granian's `target_loader`, which also sets the parent-death
-signal and reports readiness. Worker exits are observed by wrapping granian's per-worker
-watcher thread (`_Server._spawn_worker`): the one private hook this relies on, checked
-at start-up and pinned by the granian version range in pyproject.toml.
+signal and reports readiness. Two private parts of granian are relied on, both checked
+at start-up and pinned by the granian version range in pyproject.toml: the per-worker
+watcher, replaced (`_server_class`), and the function that builds the WSGI environ's
+base, wrapped so the process environment stays out (`_environ_without_process_env`).
 """
 from __future__ import annotations
 
@@ -78,8 +79,6 @@ def _log_config(app_name: str) -> dict[str, Any]:
 
 def serve(spec: dict[str, Any]) -> None:
     """Run granian's main process until SIGTERM (then it stops the workers and returns)."""
-    from granian.server.mp import MPServer
-
     app = AppConfig(**spec["app"])
     metrics_on = bool(spec.get("metrics"))
     main_pid = os.getpid()
