@@ -13,9 +13,17 @@ One command runs, in one process and interleaved so machine noise falls on every
 
 and prints requests/s, p50/p99, B/A (target >= 0.75), the metrics cost 1 - B/C
 (target < 5%), E/B, the full stack on granian over the full stack on gunicorn (target
->= 2.5), and E/D and 1 - E/F for the same questions on granian. Then it starts hostsvc with 10 apps and times `hostsvc run` until all of
-them answer through nginx (target < 3 s), and prints the RSS (and PSS, which does not
-count pages shared between forked workers twice) of the supervisor and of one idle pool.
+>= 2.5), and E/D and 1 - E/F for the same questions on granian. Then it starts hostsvc
+with 10 apps and times `hostsvc run` until all of them answer through nginx (target
+< 3 s), and prints the RSS (and PSS, which does not count pages shared between forked
+workers twice) of the supervisor and of one idle pool.
+
+Rows B, C, E and F each run on METRICS_INSTANCES stacks of their own, their rounds
+pooled: two identical stacks can differ by several percent for the whole run (hash
+seeds, memory layout), which is as large as the metrics cost being measured. For the
+same reason the pools' CPU time per request (utime + stime from /proc, of the pool's
+main process and workers) is printed beside the throughput: it moves less with the
+load of the rest of the machine.
 
     .venv/bin/python bench/fullstack.py [--duration 8] [--connections 32] [--quick]
 
@@ -47,6 +55,8 @@ TARGET_STACK_OVER_BARE = 0.75
 TARGET_METRICS_COST = 0.05
 TARGET_STARTUP_S = 3.0
 STARTUP_APPS = 10
+METRICS_INSTANCES = 2
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def write_config(directory: Path, port: int, n_apps: int, metrics: bool,
@@ -124,27 +134,54 @@ def pool_memory(app_state: dict) -> tuple[int, int, int]:
     return len(mem) - 1, sum(m[0] for m in mem), sum(m[1] for m in mem)
 
 
-def measure_load(duration: int, connections: int, warmup: int) -> dict[str, tuple]:
-    """Rows A-F loaded in interleaved 1 s rounds (see bench/web.py for why)."""
+def pool_cpu_seconds(runtime: Path) -> float:
+    """CPU seconds used so far by the pool of app0 in the hostsvc run of `runtime`: its
+    main process (with the workers it reaped) and its live workers."""
+    app = read_state(runtime)["apps"]["app0"]
+    total = 0
+    for pid in [app["pid"], *app["worker_pids"]]:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            fields = fh.read().rsplit(b")", 1)[1].split()
+        total += sum(int(f) for f in fields[11:15])     # utime stime cutime cstime
+    return total / CLOCK_TICKS
+
+
+Sample = tuple[float, float, float, int, float]    # req/s, p50, p99, errors, pool CPU s
+
+
+def measure_load(duration: int, connections: int, warmup: int
+                 ) -> dict[str, tuple[float, float, float, int, float | None]]:
+    """Rows A-F loaded in interleaved 1 s rounds (see bench/web.py for why); B, C, E
+    and F on METRICS_INSTANCES stacks each. Per row: median req/s, p50 and p99 of the
+    rounds, errors, and (hostsvc rows) the pool's CPU microseconds per request."""
     probe = Case("a", "raw WSGI hello", "raw", "/", apps.HELLO)
-    samples: dict[str, list[tuple[float, float, float, int]]] = {k: [] for k in LABELS}
+    targets: list[tuple[str, str, Path | None]] = []     # (row, url, runtime dir)
     with contextlib.ExitStack() as stack:
-        ports = {"A": stack.enter_context(serving("gunicorn", "raw", probe)),
-                 "D": stack.enter_context(serving("granian", "raw", probe, 1))}
+        for key, server in (("A", "gunicorn"), ("D", "granian")):
+            port = stack.enter_context(serving(server, "raw", probe, 1))
+            targets.append((key, f"http://127.0.0.1:{port}/", None))
         for key, engine, metrics in (("B", "gunicorn", True), ("C", "gunicorn", False),
                                      ("E", "granian", True), ("F", "granian", False)):
-            ports[key] = stack.enter_context(hostsvc(1, metrics, engine))[0]
-        urls = {k: f"http://127.0.0.1:{ports[k]}" + ("/" if k in "AD" else "/app0/")
-                for k in LABELS}
-        for url in urls.values():
+            for _ in range(METRICS_INSTANCES):
+                port, runtime, _ = stack.enter_context(hostsvc(1, metrics, engine))
+                targets.append((key, f"http://127.0.0.1:{port}/app0/", runtime))
+        for _, url, _ in targets:
             run_wrk(url, warmup, connections)
-        order = list(urls)
+        samples: dict[str, list[Sample]] = {k: [] for k in LABELS}
         for round_no in range(duration):
-            shift = round_no % len(order)
-            for key in order[shift:] + order[:shift]:
-                samples[key].append(parse_wrk(run_wrk(urls[key], 1, connections)))
-    return {k: (median(s[0] for s in v), median(s[1] for s in v), median(s[2] for s in v),
-                sum(s[3] for s in v)) for k, v in samples.items()}
+            shift = round_no % len(targets)
+            for key, url, runtime in targets[shift:] + targets[:shift]:
+                cpu = pool_cpu_seconds(runtime) if runtime else 0.0
+                rps, p50, p99, errors = parse_wrk(run_wrk(url, 1, connections))
+                cpu = pool_cpu_seconds(runtime) - cpu if runtime else 0.0
+                samples[key].append((rps, p50, p99, errors, cpu))
+    rows = {}
+    for key, v in samples.items():
+        served = sum(s[0] for s in v)          # rounds of 1 s: req/s = requests
+        cpu_us = sum(s[4] for s in v) / served * 1e6 if key not in "AD" and served else None
+        rows[key] = (median(s[0] for s in v), median(s[1] for s in v),
+                     median(s[2] for s in v), sum(s[3] for s in v), cpu_us)
+    return rows
 
 
 LABELS = {"A": "bare gunicorn sync x2, raw WSGI hello",
@@ -167,9 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"hostsvc full-stack benchmark  {time.strftime('%Y-%m-%d %H:%M:%S %Z')}  "
           f"{os.cpu_count()} cores  load average {os.getloadavg()[0]:.2f}")
     print(f"wrk -t1 -c{args.connections}: {duration} interleaved round(s) of 1 s per row, "
-          "median of rounds\n")
+          f"median of rounds; rows B, C, E, F on {METRICS_INSTANCES} stacks each\n")
     rows = measure_load(duration, args.connections, warmup)
-    for key, (rps, p50, p99, errors) in rows.items():
+    for key, (rps, p50, p99, errors, _) in rows.items():
         print(f"{key}  {LABELS[key]:<54} {rps:>10.1f} req/s  p50 {p50:>7.2f} ms  "
               f"p99 {p99:>8.2f} ms  errors {errors}")
     def ratio(num: str, den: str) -> float:
@@ -189,6 +226,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{TARGET_GRANIAN_OVER_GUNICORN:.2f}  {verdict(engines >= TARGET_GRANIAN_OVER_GUNICORN)}")
     print(f"ratio E/D  full stack / bare granian          {ratio('E', 'D'):6.2f}x")
     print(f"metrics cost 1 - E/F  (granian)               {(1 - ratio('E', 'F')) * 100:6.1f} %")
+    for on, off, engine in (("B", "C", "gunicorn"), ("E", "F", "granian")):
+        cpu_on, cpu_off = rows[on][4], rows[off][4]
+        print(f"pool CPU per request, {engine:<8} metrics on {cpu_on:6.1f} us  off "
+              f"{cpu_off:6.1f} us  metrics {cpu_on - cpu_off:+5.1f} us")
 
     with hostsvc(STARTUP_APPS) as (_, runtime, ready):
         state = read_state(runtime)

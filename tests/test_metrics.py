@@ -28,7 +28,8 @@ from typing import Any, Iterator
 import pytest
 
 from hostsvc.metrics import (SPECS, MetricsServer, archive_process, exported_names,
-                             instrument, prepare_multiproc_dir)
+                             flush_requests, instrument, prepare_multiproc_dir)
+from hostsvc.metrics.wsgi import FLUSH_INTERVAL
 from hostsvc.procs import children_of
 from hostsvc.proxy import nginx_binary
 
@@ -194,6 +195,13 @@ def scrape(srv: MetricsServer) -> Samples:
     return out
 
 
+def scrape_when(srv: MetricsServer, check: Any, what: str) -> Samples:
+    """The first scrape for which `check(samples)` holds. Workers write their requests
+    in batches, up to FLUSH_INTERVAL after they end (hostsvc/metrics/wsgi.py)."""
+    return wait_for(lambda: (lambda s: s if check(s) else None)(scrape(srv)), timeout=10,
+                    what=what)
+
+
 def value(samples: Samples, name: str, **labels: str) -> float | None:
     """The value of the sample with exactly these labels, or None if absent."""
     return samples.get((name, tuple(sorted(labels.items()))))
@@ -239,6 +247,8 @@ def test_counts_exact_across_worker_kill_and_pool_restart(gunicorns: list[Gunico
     send("POST", "/code/500", 2)
     send("PURGE", "/code/200", 2)
     send("GET", "/stream", 3)
+    scrape_when(srv, lambda s: requests_by(s, "alpha") == sent, "the requests to be written")
+    time.sleep(2 * FLUSH_INTERVAL)     # whatever a worker still had would be written now
     first = scrape(srv)
     assert requests_by(first, "alpha") == sent
     assert sent[("GET", "404")] == 3 and sent[("POST", "500")] == 2
@@ -258,15 +268,16 @@ def test_counts_exact_across_worker_kill_and_pool_restart(gunicorns: list[Gunico
     victim = int(wait_for(lambda: os.path.exists(pidfile) and Path(pidfile).read_text(),
                           what="the sleeping worker's pid"))
     state["apps"]["alpha"] = g.app_state()
-    assert value(scrape(srv), "hostsvc_http_requests_in_flight", app="alpha") == 1
+    scrape_when(srv, lambda s: value(s, "hostsvc_http_requests_in_flight", app="alpha") == 1,
+                "the stuck request in flight")
     old = g.worker_pids()
     os.kill(victim, signal.SIGKILL)
     stuck.join(10)
     assert victim not in g.wait_replaced(old)
     send("GET", "/code/200", 4)
     state["apps"]["alpha"] = g.app_state()
-    second = scrape(srv)
-    assert requests_by(second, "alpha") == sent
+    second = scrape_when(srv, lambda s: requests_by(s, "alpha") == sent,
+                         "the requests after the kill")
     assert_no_counter_went_back(first, second)
     assert value(second, "hostsvc_http_requests_in_flight", app="alpha") == 0
     assert value(second, "hostsvc_worker_restarts_total", app="alpha", cause="crash") == 1
@@ -300,8 +311,8 @@ def test_counts_exact_across_worker_kill_and_pool_restart(gunicorns: list[Gunico
     g = g2
     send("GET", "/code/200", 2)
     state["apps"]["alpha"] = g2.app_state()
-    fourth = scrape(srv)
-    assert requests_by(fourth, "alpha") == sent
+    fourth = scrape_when(srv, lambda s: requests_by(s, "alpha") == sent,
+                         "the new pool's requests")
     assert_no_counter_went_back(third, fourth)
     print(f"\nalpha: {sum(sent.values())} requests counted exactly; "
           f"files in the metrics dir: {len(os.listdir(mp_dir))}")
@@ -321,6 +332,8 @@ def test_timeout_and_max_requests_restarts(gunicorns: list[Gunicorn], server_for
     assert g.request("GET", "/sleep/6")[0] == 500
     g.wait_replaced(second)
     print(f"\ntimeout restart took {time.monotonic() - t0:.1f}s")
+    # Both exits went through Python (max_requests, the timeout's abort), which writes
+    # what the worker had queued: the counts are there without waiting for a flush.
     samples = scrape(srv)
     restarts = {dict(k[1])["cause"]: v for k, v in samples.items()
                 if k[0] == "hostsvc_worker_restarts_total" and dict(k[1])["app"] == "beta"}
@@ -343,19 +356,20 @@ def test_gthread_worker_counts_concurrent_requests(gunicorns: list[Gunicorn],
     for t in sleepers:
         t.start()
     wait_for(lambda: all(os.path.exists(p) for p in pidfiles), what="3 requests in flight")
-    assert value(scrape(srv), "hostsvc_http_requests_in_flight", app="epsilon") == 3
+    scrape_when(srv, lambda s: value(s, "hostsvc_http_requests_in_flight", app="epsilon") == 3,
+                "3 requests in flight")
     for t in sleepers:
         t.join(10)
-    samples = scrape(srv)
+    samples = scrape_when(srv, lambda s: requests_by(s, "epsilon") == {("GET", "200"): 3},
+                          "the 3 requests to be written")
     assert value(samples, "hostsvc_http_requests_in_flight", app="epsilon") == 0
-    assert requests_by(samples, "epsilon") == {("GET", "200"): 3}
     assert value(samples, "hostsvc_http_request_duration_seconds_bucket", app="epsilon",
                  method="GET", le="1.0") == 0
     assert value(samples, "hostsvc_http_request_duration_seconds_bucket", app="epsilon",
                  method="GET", le="2.5") == 3
 
 
-# -- instrument() in this process: the fast path against the public API ----------------
+# -- instrument() in this process: batches against observe(), flushes, forks ------------
 def _app(environ: dict[str, Any], start_response: Any) -> Any:
     """/<code>?<size>: that status and body size; /stream: 3 chunks; /raise: an error."""
     path, size = environ["PATH_INFO"], int(environ.get("QUERY_STRING") or 0)
@@ -367,13 +381,16 @@ def _app(environ: dict[str, Any], start_response: Any) -> Any:
     return [b"x" * size]
 
 
-def _drive(app: Any, requests: list[tuple[str, str, str]]) -> None:
+def _drive(app: Any, requests: list[tuple[str, str, str]],
+           start: str | None = "t=1000.000") -> None:
     """Send (method, path, query) requests as a server does: body iterated, closed."""
     import io
 
     for method, path, query in requests:
         environ = {"REQUEST_METHOD": method, "PATH_INFO": path, "QUERY_STRING": query,
-                   "wsgi.input": io.BytesIO(b""), "HTTP_X_REQUEST_START": "t=1000.000"}
+                   "wsgi.input": io.BytesIO(b"")}
+        if start is not None:
+            environ["HTTP_X_REQUEST_START"] = start
         try:
             body = app(environ, lambda status, headers, exc_info=None: None)
         except RuntimeError:
@@ -396,12 +413,18 @@ def _file_values(mp: Path, pid: int, app: str) -> dict[tuple[str, str], float]:
     return found
 
 
+def _requests_written(mp: Path, pid: int, app: str) -> float:
+    return sum(v for (name, _), v in _file_values(mp, pid, app).items()
+               if name == "hostsvc_http_requests_total")
+
+
 def _in_child(test: Any, mp: Path) -> int:
     """Run `test` in a forked child writing its metrics to `mp`; return the child's pid.
 
     prometheus_client copies every value a process created into the files of each child
     it forks later (other tests fork hundreds), so an in-process test's values must
-    neither exist in this process nor land in the module's directory."""
+    neither exist in this process nor land in the module's directory. The child ends
+    with os._exit, which skips the exit flush: a test flushes what it wants written."""
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -429,54 +452,181 @@ REQUESTS = [("GET", "/200", "13"), ("GET", "/404", "0"), ("POST", "/201", "5000"
             ("PURGE", "/200", "7"), ("GET", "/stream", ""), ("DELETE", "/raise", "")] * 3
 
 
-def test_fast_path_writes_what_the_public_api_writes(tmp_path: Path, monkeypatch: Any
-                                                     ) -> None:
-    """Same requests, same clock: every value in the files must be equal, including for
-    series bound after the library grew the file and mapped it again."""
-    _in_child(lambda: _compare_fast_and_public(tmp_path, monkeypatch), tmp_path)
+def test_batches_write_what_observe_would(tmp_path: Path, monkeypatch: Any) -> None:
+    """The same requests, summed per batch and written once per series, must leave the
+    files exactly as one observe() per request through the public API does."""
+    _in_child(lambda: _compare_batched_and_observed(tmp_path, monkeypatch), tmp_path)
 
 
-def _compare_fast_and_public(mp: Path, monkeypatch: Any) -> None:
-    clock = iter(range(10**9))
+def _compare_batched_and_observed(mp: Path, monkeypatch: Any) -> None:
+    from hostsvc.metrics import spec, wsgi
+
+    monkeypatch.setattr(wsgi, "FLUSH_INTERVAL", 3600.0)    # no flusher thread writes
+    flush = wsgi._Recorder.flush
+    monkeypatch.setattr(wsgi._Recorder, "flush", lambda *a, **kw: None)   # nor a request
+    clock = iter(range(1, 10**9))
     monkeypatch.setattr(time, "perf_counter", lambda: next(clock) / 256)   # exact sums
-    monkeypatch.setattr(time, "time", lambda: 1000.25)
-    later = [("PUT", "/200", "99"), ("GET", "/503", "1"), ("GET", "/200", "13")]
-    fast = instrument("fastpath", _app)
-    _drive(fast, REQUESTS)
-    assert _recorder(fast).lock is not None, "the fast path is off: nothing to compare"
-    # Grow this process's histogram file past its first mapping (64 KiB).
-    from prometheus_client import Histogram
-
-    filler = Histogram("test_filler_seconds", "grows the file", ["n"], registry=None)
-    for n in range(60):
-        filler.labels(f"{n:0>40}").observe(1.0)
-    assert os.path.getsize(mp / f"histogram_{os.getpid()}.db") > 65536
-    _drive(fast, later)
-    monkeypatch.setenv("HOSTSVC_METRICS_FAST", "0")
-    public = instrument("publicapi", _app)
-    _drive(public, REQUESTS + later)
-    assert _recorder(public).lock is None
-    written = _file_values(mp, os.getpid(), "fastpath")
-    assert written == _file_values(mp, os.getpid(), "publicapi")
+    app = instrument("batched", _app)
+    _drive(app, REQUESTS)
+    _drive(app, [("GET", "/200", "99"), ("PATCH", "/503", "1")], start="bogus")
+    _drive(app, [("PUT", "/200", "1"), ("GET", "/200", "2")], start=None)
+    records = list(_recorder(app).pending)
+    assert len(records) == len(REQUESTS) + 4         # the /raise ones too, as 500s
+    monkeypatch.setattr(wsgi._Recorder, "flush", flush)
+    monkeypatch.setattr(time, "perf_counter", lambda: 4.0)
+    monkeypatch.setattr(time, "time", lambda: 1010.25)     # queue times 6.25 s + k/256
+    flush_requests()
+    assert not _recorder(app).pending
+    # The reference: each record through prometheus_client's public API, one by one.
+    m = spec.mp_metrics()
+    for method, status, started, ended, header, size in records:
+        method = method if method in wsgi.KNOWN_METHODS else "other"
+        code = status[:3] if status else "500"
+        m["hostsvc_http_requests_total"].labels("reference", method, code,
+                                                code[0] + "xx").inc()
+        m["hostsvc_http_request_duration_seconds"].labels("reference", method).observe(
+            ended - started)
+        m["hostsvc_http_response_size_bytes"].labels("reference").observe(size)
+        if header and header.startswith("t="):
+            m["hostsvc_http_request_queue_seconds"].labels("reference").observe(
+                started + 1006.25 - float(header[2:]))
+    m["hostsvc_http_requests_in_flight"].labels("reference")
+    written = _file_values(mp, os.getpid(), "batched")
+    assert written == _file_values(mp, os.getpid(), "reference")
     total = '{"code": "200", "code_class": "2xx", "method": "GET"}'
-    assert written[("hostsvc_http_requests_total", total)] == 7   # 3 + 3 streamed + 1
+    assert written[("hostsvc_http_requests_total", total)] == 3 + 3 + 1 + 1
+    assert written[("hostsvc_http_requests_total",
+                    '{"code": "500", "code_class": "5xx", "method": "DELETE"}')] == 3
+    # (the files keep one value per bucket; a scrape cumulates them and adds _count)
+    assert sum(v for (name, _), v in written.items()
+               if name == "hostsvc_http_request_queue_seconds_bucket") == len(REQUESTS)
     assert written[("hostsvc_http_requests_in_flight", "{}")] == 0
 
 
-def test_child_forked_after_binding_writes_its_own_files(tmp_path: Path) -> None:
-    """A child forked from a worker that has bound must not write the parent's files
-    (and must not fail: the library closes the parent's mappings in the child)."""
-    _in_child(lambda: _fork_after_binding(tmp_path), tmp_path)
+def test_the_request_that_ends_a_batch_writes_it(tmp_path: Path, monkeypatch: Any
+                                                 ) -> None:
+    """Under load the request path writes without waiting for the flusher thread: the
+    request that draws a multiple of FLUSH_BATCH from the start counter, which each
+    flush draws from once too. A process's first request writes at once."""
+    _in_child(lambda: _batch_boundaries(tmp_path, monkeypatch), tmp_path)
 
 
-def _fork_after_binding(mp: Path) -> None:
+def _batch_boundaries(mp: Path, monkeypatch: Any) -> None:
+    from hostsvc.metrics import wsgi
+
+    monkeypatch.setattr(wsgi, "FLUSH_INTERVAL", 3600.0)
+    app = instrument("batches", _app)
+    one = [("GET", "/200", "1")]
+    _drive(app, one)
+    assert _requests_written(mp, os.getpid(), "batches") == 1
+    _drive(app, one * (wsgi.FLUSH_BATCH - 2))
+    assert _requests_written(mp, os.getpid(), "batches") == 1
+    assert len(_recorder(app).pending) == wsgi.FLUSH_BATCH - 2
+    _drive(app, one)
+    assert _requests_written(mp, os.getpid(), "batches") == wsgi.FLUSH_BATCH
+    assert not _recorder(app).pending
+
+
+def test_the_flusher_thread_writes_an_idle_workers_last_requests(tmp_path: Path) -> None:
+    _in_child(lambda: _idle_tail(tmp_path), tmp_path)
+
+
+def _idle_tail(mp: Path) -> None:
+    from hostsvc.metrics import wsgi
+
+    app = instrument("idle", _app)
+    _drive(app, [("GET", "/200", "1")] * 5)
+    assert _requests_written(mp, os.getpid(), "idle") == 1      # the first, at once
+    wait_for(lambda: _requests_written(mp, os.getpid(), "idle") == 5,
+             timeout=wsgi.FLUSH_INTERVAL * 8, what="the flusher thread")
+
+
+EXITING_WORKER = """
+import os, sys
+from hostsvc.metrics import instrument, wsgi
+wsgi.FLUSH_INTERVAL = 3600.0          # only the exit can write the queued requests
+
+def hello(environ, start_response):
+    start_response("200 OK", [])
+    return [b"hi"]
+
+def serve():
+    app = instrument("exiting", hello)
+    for _ in range(7):
+        app({"REQUEST_METHOD": "GET"}, lambda *a: None)
+    print(os.getpid(), flush=True)
+
+if sys.argv[1] == "multiprocessing":      # as granian's workers end: os._exit
+    import multiprocessing
+    child = multiprocessing.get_context("fork").Process(target=serve)
+    child.start()
+    child.join()
+    sys.exit(child.exitcode)
+serve()
+sys.exit(3)                               # as gunicorn's workers end: SystemExit
+"""
+
+
+@pytest.mark.parametrize("how", ["sys.exit", "multiprocessing"])
+def test_a_worker_exiting_through_python_writes_what_it_queued(tmp_path: Path, how: str
+                                                               ) -> None:
+    env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=str(tmp_path), PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, "-c", EXITING_WORKER, how], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == (3 if how == "sys.exit" else 0), out.stderr
+    pid = int(out.stdout.split()[0])
+    assert _requests_written(tmp_path, pid, "exiting") == 7, out.stderr
+
+
+def test_child_forked_after_binding_writes_its_own_files(tmp_path: Path,
+                                                        monkeypatch: Any) -> None:
+    """A child forked from a worker with requests queued writes only its own requests,
+    to its own files; the parent's queue stays the parent's to write."""
+    _in_child(lambda: _fork_after_binding(tmp_path, monkeypatch), tmp_path)
+
+
+def _fork_after_binding(mp: Path, monkeypatch: Any) -> None:
+    from hostsvc.metrics import wsgi
+
+    monkeypatch.setattr(wsgi, "FLUSH_INTERVAL", 3600.0)
     app = instrument("forked", _app)
-    _drive(app, REQUESTS[:3])
+    _drive(app, REQUESTS[:3])                # the first is written, two are queued
     parent = _file_values(mp, os.getpid(), "forked")
-    child = _in_child(lambda: _drive(app, REQUESTS), mp)
+
+    def child() -> None:
+        assert not _recorder(app).pending
+        _drive(app, REQUESTS)
+        flush_requests()
+    pid = _in_child(child, mp)
     assert _file_values(mp, os.getpid(), "forked") == parent
-    assert sum(v for (name, _), v in _file_values(mp, child, "forked").items()
-               if name == "hostsvc_http_requests_total") == len(REQUESTS)
+    assert _requests_written(mp, pid, "forked") == len(REQUESTS)
+    flush_requests()
+    assert _requests_written(mp, os.getpid(), "forked") == 3
+
+
+def test_a_library_without_the_histogram_values_leaves_requests_served(
+        tmp_path: Path, monkeypatch: Any, caplog: Any) -> None:
+    _in_child(lambda: _broken_library(monkeypatch, caplog), tmp_path)
+
+
+def _broken_library(monkeypatch: Any, caplog: Any) -> None:
+    from prometheus_client import Histogram
+
+    made = Histogram._metric_init
+
+    def renamed(self: Any) -> None:     # as a release that renamed a histogram's sum
+        made(self)
+        self._total = self.__dict__.pop("_sum")
+    monkeypatch.setattr(Histogram, "_metric_init", renamed)
+    seen = []
+    app = instrument("broken", lambda environ, start_response: (
+        seen.append(environ["PATH_INFO"]), start_response("200 OK", []), [b"ok"])[2])
+    for path in ("/a", "/b"):
+        assert app({"REQUEST_METHOD": "GET", "PATH_INFO": path}, lambda *a: None) == [b"ok"]
+    assert seen == ["/a", "/b"]
+    errors = [r for r in caplog.records
+              if r.getMessage().startswith("request metrics of broken are off")]
+    assert len(errors) == 1 and "does not keep _sum, _buckets" in caplog.text
 
 
 # -- the supervisor's endpoints ---------------------------------------------------------
@@ -622,6 +772,7 @@ def test_500_worker_restarts_keep_dir_and_scrape_bounded(server_for: Any, tmp_pa
                 os.environ["PROMETHEUS_MULTIPROC_DIR"] = churn
                 for _ in range(3):
                     app(dict(environ), lambda *a: None)
+                flush_requests()         # what a worker's exit does (not os._exit)
             finally:
                 os._exit(0)
         os.waitpid(pid, 0)
@@ -659,6 +810,7 @@ def test_merge_killed_midway_is_finished_by_the_next_one(server_for: Any, tmp_pa
                 os.environ["PROMETHEUS_MULTIPROC_DIR"] = mp
                 for _ in range(3):
                     app({"REQUEST_METHOD": "GET"}, lambda *a: None)
+                flush_requests()
             finally:
                 os._exit(0)
         os.waitpid(pid, 0)
@@ -740,10 +892,11 @@ def test_alerts_and_dashboard_use_only_exported_names() -> None:
                            ' / on (app) nginx_up') == {"hostsvc_http_request_total", "nginx_up"}
 
 
-def test_docs_list_every_metric() -> None:
-    doc = (ROOT / "docs/metrics.md").read_text()
-    missing = [s.name for s in SPECS if f"`{s.name}`" not in doc]
-    assert not missing, f"docs/metrics.md does not list {missing}"
+@pytest.mark.parametrize("doc", ["docs/metrics.md", "README.md"])
+def test_docs_list_every_metric(doc: str) -> None:
+    text = (ROOT / doc).read_text()
+    missing = [s.name for s in SPECS if f"`{s.name}`" not in text]
+    assert not missing, f"{doc} does not list {missing}"
 
 
 def _promtool() -> str:

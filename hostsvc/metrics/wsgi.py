@@ -1,240 +1,309 @@
 """`instrument()`: the WSGI middleware that counts and times requests inside a worker.
 
-Cost matters here (every request pays it), so label children are bound once per
-(method, code) and cached; a list or tuple body (the common case) is measured at once
-and returned untouched, and only other iterables get a wrapper that counts bytes as the
-server pulls them, keeping streamed responses streamed.
+Why requests are written in batches: in a real worker every request finds the CPU caches
+cold from the server's and the kernel's work, and Python code there costs several times
+what a tight loop shows. Writing each request's nine values (a counter, three histograms
+of two values each, the in-flight gauge up and down) into prometheus_client's mmap files
+as it ended cost 6.5-7.5 us per request in a gunicorn worker, even written in place
+(28.6k instructions). So a request only draws a number from a counter as it begins and
+appends a tuple of what it saw as it ends (`_Recorder.pending`); the tuples are summed
+and written through prometheus_client's own value objects in batches: by the request
+that ends a batch of about FLUSH_BATCH, or by a flusher thread every FLUSH_INTERVAL. A
+batch runs warm and writes each series once, however many requests it holds (11.0k
+instructions per request in all; docs/metrics.md has the measurements).
 
-The children are created on a worker's first request, never in the arbiter: with
-preload_app the middleware is built in the arbiter, and a value touched there would
-leave a per-arbiter file behind for nothing.
+What that costs in accuracy: a scrape sees a request up to FLUSH_INTERVAL after it
+ended (Prometheus scrapes every 15-60 s), and a worker that is SIGKILLed (or
+OOM-killed, or crashes in C) loses what it had not written yet: at most FLUSH_INTERVAL's
+worth of requests, or about FLUSH_BATCH under load. A worker that exits through Python
+(a graceful stop, max_requests, a timeout abort, an exception) writes the rest as it
+exits.
 
-The fast path: the public API takes prometheus_client's multiprocess lock and checks the
-pid (a syscall) on every write, and each write goes through three Python calls to pack
-two doubles into the mmap; a request makes nine (a counter, three histograms of two
-values each, the in-flight gauge up and down). In a real worker every request finds the
-CPU caches cold from gunicorn's and the kernel's work, and Python code there costs about
-three times what a tight in-process loop shows, so the only lever is doing less. The
-recorder locates each value in the library's mmap once, at bind time; per request it
-takes the library's lock twice (start, end) and adds to each value in place through a
-memoryview of doubles: `view[i] += x` is one aligned 8-byte read and write, so a
-concurrent scrape sees the old or the new value (struct.pack_into would zero the bytes
-first). The library's own copy of each value (`_value`) is then stale in this process;
-only the public API reads it, and a process returns to that only through fork: a fork
-handler hands a child forked after binding to the public API, which, seeing a new pid,
-opens the child's own files and reads its values from them. This relies on
-prometheus_client's multiprocess internals (pinned in requirements.lock); `bind()`
-checks them (the lock, each value's key right before its offset in the file, the
-histogram buckets) and any mismatch leaves the public API in charge.
+The children are created on a worker's first request, never in the pool's main
+process: with preload the middleware is built there, and a value touched there would
+leave a file of that process behind for nothing.
 """
 from __future__ import annotations
 
+import atexit
+import itertools
+import logging
+import math
+import multiprocessing
+import multiprocessing.util
 import os
-import sys
 import threading
 import time
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
+from collections import deque
 from typing import Any, Callable, Iterable, Iterator
 
 from .spec import mp_metrics
+
+log = logging.getLogger("hostsvc.metrics")
 
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
 # Anything else is counted as "other", so a client cannot grow the series count.
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
+# The request that draws a multiple of FLUSH_BATCH from the start counter writes the
+# queue (each flush draws one number too): about every FLUSH_BATCH requests under load.
+FLUSH_BATCH = 256
+FLUSH_INTERVAL = 0.25      # seconds: the longest an ended request waits to be written
+ERROR_LOG_INTERVAL = 60.0  # seconds between two logged failures of one recorder
 
-# Where one value lives: its file's mmap (the library's own mapping) as doubles, and the
-# value's index there.
-Slot = tuple[memoryview, int]
-# One histogram child: the mapping, the index of its sum, the index of each bucket, and
-# the upper bounds (the last one +Inf) that pick the bucket.
-HistogramSlots = tuple[memoryview, int, tuple[int, ...], tuple[float, ...]]
+INF = float("inf")
+# A queue time of a day or more comes from a header or a clock gone wrong.
+MAX_QUEUE = 86400.0
+
+# One ended request as the request path queues it: method, status line (None if the
+# app never called start_response), perf_counter() at its start and end, the raw
+# X-Request-Start header (or None), response body bytes.
+Record = tuple[str, "str | None", float, float, "str | None", int]
+
+_RECORDERS: list[_Recorder] = []       # every instrument() of this process
+_exit_hooks_pid: int | None = None     # the process that registered flush_requests()
 
 
-def _library_lock(value: Any) -> Any | None:
-    """The lock every write of prometheus_client's multiprocess value class takes (a
-    closure variable of its `inc`), or None if `value` is not of that class as known."""
-    cls = type(value)
-    if not getattr(cls, "_multiprocess", False):
-        return None
-    try:
-        cells = dict(zip(cls.inc.__code__.co_freevars, cls.inc.__closure__ or ()))
-        lock = cells["lock"].cell_contents
-    except (AttributeError, KeyError, TypeError, ValueError):
-        return None
-    return lock if hasattr(lock, "__enter__") and hasattr(lock, "__exit__") else None
+def flush_requests(timeout: float = 2.0) -> None:
+    """Write what every instrumented app in this process has queued. Runs by itself at
+    process exit (atexit, or a multiprocessing child's finalizers); call it before an
+    exit that skips them (os._exit) to keep those requests."""
+    for recorder in _RECORDERS:
+        if recorder.running:
+            recorder.flush(timeout=timeout)
 
 
 class _Recorder:
-    """The bound label children of one app, filled lazily per (method, code), and on the
-    fast path where each of their values lives in this process's files."""
+    """One app's request metrics in one process: what requests leave on their way, and
+    the batches that write it to prometheus_client's files."""
 
     def __init__(self, app_name: str) -> None:
+        _RECORDERS.append(self)
         self.app_name = app_name
-        self.bound = False
-        self.lock: Any = None       # the fast path's lock, None: public API only
-        # (method, code) -> (counter child, duration child, counter Slot, duration
-        # HistogramSlots); the slots are None when bound off the fast path.
-        self.series: dict[tuple[str, str], tuple[Any, Any, Any, Any]] = {}
-        self._durations: dict[str, tuple[Any, HistogramSlots | None]] = {}
-        self._views: list[memoryview] = []
-        # Binding runs once per child, before any fast-path write to it (_slot checks
-        # the file against the library's copy of the value), even when gthread workers
-        # answer a series' first requests in several threads at once.
-        self._binding = threading.Lock()
-
-    def bind(self) -> None:
-        """Create the app's children (on a worker's first request) and, unless
-        HOSTSVC_METRICS_FAST=0, locate their values for the fast path."""
-        with self._binding:
-            if not self.bound:
-                self._bind()
-                self.bound = True
-
-    def _bind(self) -> None:
-        m = mp_metrics()
-        self._requests = m["hostsvc_http_requests_total"]
-        self._duration = m["hostsvc_http_request_duration_seconds"]
-        self.in_flight = m["hostsvc_http_requests_in_flight"].labels(self.app_name)
-        self.queue = m["hostsvc_http_request_queue_seconds"].labels(self.app_name)
-        self.size = m["hostsvc_http_response_size_bytes"].labels(self.app_name)
-        lock = _library_lock(self.in_flight._value) \
-            if os.environ.get("HOSTSVC_METRICS_FAST", "1") != "0" else None
-        if lock is None:
-            return
-        try:
-            with lock:
-                self.in_flight_slot = self._slot(self.in_flight._value)
-                self.queue_slots = self._histogram_slots(self.queue)
-                self.size_slots = self._histogram_slots(self.size)
-        except (AttributeError, KeyError, TypeError, ValueError):
-            return
+        # next() is atomic, as are deque's append and popleft: gthread workers' request
+        # threads need no lock on the request path.
+        self.began = itertools.count()     # next() as each request begins
+        self.pending: deque[Record] = deque()
+        self.push = self.pending.append
+        self.running = False     # this process has bound its children and its flusher
+        self.broken = False      # binding failed: no request metrics in this process
+        self._reset_counts()
+        self._counters: dict[tuple[str, str], Any] = {}
+        self._durations: dict[str, Any] = {}
+        self._last_error = -ERROR_LOG_INTERVAL
         os.register_at_fork(after_in_child=self._forked)
-        self.lock = lock
+
+    def _reset_counts(self) -> None:
+        self._own_reads = 0      # next(self.began) calls the flushes made
+        self._began_written = 0  # request starts already added to the in-flight gauge
+        self._flushing = threading.Lock()
+        self._starting = threading.Lock()
+
+    def start(self) -> bool:
+        """On a process's first request: bind the app's children, start the flusher
+        thread, and write what is left when the process exits. False: request metrics
+        are off in this process (logged once), the app serves without them."""
+        with self._starting:
+            if self.running or self.broken:
+                return self.running
+            try:
+                m = mp_metrics()
+                self._requests = m["hostsvc_http_requests_total"]
+                self._duration = m["hostsvc_http_request_duration_seconds"]
+                self._in_flight = m["hostsvc_http_requests_in_flight"].labels(self.app_name)
+                self._queue = _histogram(
+                    m["hostsvc_http_request_queue_seconds"].labels(self.app_name))
+                self._size = _histogram(
+                    m["hostsvc_http_response_size_bytes"].labels(self.app_name))
+            except Exception:  # noqa: BLE001 - serve the requests without metrics
+                self.broken = True
+                log.exception("request metrics of %s are off in worker %d",
+                              self.app_name, os.getpid())
+                return False
+            threading.Thread(target=self._flush_periodically, daemon=True,
+                             name=f"hostsvc-metrics-{self.app_name}").start()
+            _flush_at_exit()
+            self.running = True
+            return True
 
     def _forked(self) -> None:
-        """In a child forked after binding: the mappings are the parent's files, and the
-        library, seeing a new pid, closes them (which our views would refuse) and opens
-        the child's. The public API takes over there (and a binding lock another thread
-        held at the fork would never be released: the child has its own)."""
-        self.lock = None
-        self._binding = threading.Lock()
-        for view in self._views:
-            view.release()
+        """In a child forked from this process: what was queued and begun is the
+        parent's to write, and no flusher runs here (the child's first request starts
+        one; prometheus_client, seeing a new pid, gives the child files of its own)."""
+        self.pending.clear()
+        self.began = itertools.count()
+        self.running = self.broken = False
+        self._reset_counts()
 
-    def _slot(self, value: Any) -> Slot:
-        """Where a MmapedValue keeps its value. Lock held. Raises if the layout is not
-        the one MmapedDict documents (a value follows its key's length and key, padded
-        to 8 bytes), so that bind() leaves the fast path off."""
-        f = value._file
-        pos = f._positions[value._key]
-        for view in self._views:
-            if view.obj is f._m:
-                break
-        else:
-            # The library maps a file again when it grows it, and never closes the old
-            # mapping: earlier views stay valid (entries never move), new ones use this.
-            view = memoryview(f._m).cast("d")
-            self._views.append(view)
-        key = value._key.encode()
-        at = pos - len(key) - (8 - (len(key) + 4) % 8)
-        if pos % 8 or at < 12 or f._m[at:at + len(key)] != key or \
-                int.from_bytes(f._m[at - 4:at], sys.byteorder) != len(key) or \
-                view[pos // 8] != value._value:
-            raise ValueError(f"unexpected layout of {f._fname}")
-        return view, pos // 8
+    def _flush_periodically(self) -> None:
+        while True:
+            time.sleep(FLUSH_INTERVAL)
+            self.flush()
 
-    def _histogram_slots(self, child: Any) -> HistogramSlots:
-        """A histogram child's sum and buckets (one file, so one mapping). Lock held."""
-        bounds = tuple(child._upper_bounds)
-        if len(bounds) != len(child._buckets) or bounds[-1] != float("inf"):
-            raise ValueError("unexpected histogram buckets")
-        view, total = self._slot(child._sum)
-        slots = [self._slot(b) for b in child._buckets]
-        if any(bucket_view is not view for bucket_view, _ in slots):
-            raise ValueError("histogram values on two mappings")
-        return view, total, tuple(index for _, index in slots), bounds
-
-    def _series(self, method: str, code: str) -> tuple[Any, Any, Any, Any]:
-        """The children of a (method, code) seen for the first time, bound once."""
-        with self._binding:
-            return self.series.get((method, code)) or self._bind_series(method, code)
-
-    def _bind_series(self, method: str, code: str) -> tuple[Any, Any, Any, Any]:
-        counter = self._requests.labels(self.app_name, method, code, code[:1] + "xx")
-        duration, duration_slots = self._durations.get(method, (None, None))
-        if duration is None:
-            duration = self._duration.labels(self.app_name, method)
-        counter_slot = None
-        lock = self.lock
-        if lock is not None:
-            with lock:
-                counter_slot = self._slot(counter._value)
-                if duration_slots is None:
-                    duration_slots = self._histogram_slots(duration)
-        self._durations[method] = duration, duration_slots
-        series = self.series[(method, code)] = counter, duration, counter_slot, duration_slots
-        return series
-
-    def start(self, queued: float | None) -> None:
-        """A request begins: in flight, and its queue time if nginx stamped it."""
-        lock = self.lock
-        if lock is None:
-            self.in_flight.inc()
-            if queued is not None:
-                self.queue.observe(queued)
+    def flush(self, wait: bool = True, timeout: float = -1) -> None:
+        """Write what requests left since the last flush. With wait=False, return at
+        once if another thread is writing."""
+        if not self._flushing.acquire(wait, timeout):
             return
-        view, index = self.in_flight_slot
-        with lock:
-            view[index] += 1.0
-            if queued is not None:
-                view, total, buckets, bounds = self.queue_slots
-                view[total] += queued
-                view[buckets[bisect_left(bounds, queued)]] += 1.0
+        try:
+            n = len(self.pending)      # first: each of these records' starts is counted
+            began = next(self.began) - self._own_reads
+            self._own_reads += 1
+            if n or began != self._began_written:
+                self._collect(n, began - self._began_written)
+                self._began_written = began
+        except Exception:  # noqa: BLE001 - metrics must never fail a request
+            now = time.monotonic()
+            if now - self._last_error >= ERROR_LOG_INTERVAL:
+                self._last_error = now
+                log.exception("writing request metrics of %s failed; that batch is lost "
+                              "(logged at most once a minute)", self.app_name)
+        finally:
+            self._flushing.release()
 
-    def finish(self, method: str, status: str, started: float, size: int) -> None:
-        """Record one finished request (status is the WSGI status line)."""
-        elapsed = time.perf_counter() - started
-        series = self.series.get((method, status[:3]))
-        if series is None:
-            series = self._series(method, status[:3])
-        counter, duration, counter_slot, duration_slots = series
-        lock = self.lock
-        if lock is None:
-            counter.inc()
-            duration.observe(elapsed)
-            self.size.observe(size)
-            self.in_flight.dec()
-            return
-        # Each `view[i] += x` reads and writes one aligned 8-byte double in place: a
-        # scrape reading the file concurrently sees the old or the new value, never a
-        # partial one (struct.pack_into would zero the bytes before writing them).
-        view, index = counter_slot
-        with lock:
-            view[index] += 1.0
-            view, total, buckets, bounds = duration_slots
-            view[total] += elapsed
-            view[buckets[bisect_left(bounds, elapsed)]] += 1.0
-            view, total, buckets, bounds = self.size_slots
-            view[total] += size
-            view[buckets[bisect_left(bounds, size)]] += 1.0
-            view, index = self.in_flight_slot
-            view[index] -= 1.0
+    def _collect(self, n: int, began: int) -> None:
+        """Take the first `n` queued records apart into the values each metric needs,
+        and have them written with `began` new request starts. Flush lock held.
+
+        This loop is what a batch costs per request, so it does no more than file
+        each record's values into plain lists and dicts; the sums and buckets are made
+        once per batch (_write)."""
+        pop = self.pending.popleft
+        offset = time.time() - time.perf_counter()    # perf_counter() -> unix time
+        # method -> ({status line: requests}, [durations])
+        by_method: dict[str, tuple[dict[str | None, int], list[float]]] = {}
+        sizes: list[int] = []
+        queued: list[float] = []
+        header_seen, started_at = None, 0.0
+        for _ in range(n):
+            method, status, started, ended, header, nbytes = pop()
+            per_method = by_method.get(method)
+            if per_method is None:
+                per_method = by_method[method] = ({}, [])
+            codes, durations = per_method
+            codes[status] = codes.get(status, 0) + 1
+            durations.append(ended - started)
+            sizes.append(nbytes)
+            if header is not None:
+                # Under load many requests share nginx's $msec (cached per event-loop
+                # turn): parse each header once.
+                if header != header_seen:
+                    header_seen, started_at = header, _perf_counter_at(header, offset)
+                queued.append(started - started_at)
+        self._write(n, began, by_method, sizes, queued)
+
+    def _write(self, ended: int, began: int,
+               by_method: dict[str, tuple[dict[str | None, int], list[float]]],
+               sizes: list[int], queued: list[float]) -> None:
+        """Add a batch to the files through prometheus_client's value objects, once per
+        series, taking the library's lock and checking the pid as observe() does. Each
+        histogram's values are sorted (C compares floats fast) and its buckets counted
+        with a bisect each."""
+        durations: dict[str, list[float]] = {}
+        for method, (codes, values) in by_method.items():
+            method = method if method in KNOWN_METHODS else "other"
+            for status, count in codes.items():
+                self._counter(method, status[:3] if status else "500").inc(count)
+            durations.setdefault(method, []).extend(values)
+        for method, values in durations.items():
+            _observe_sorted(self._histogram_for(method), sorted(values))
+        # A negative queue time is nginx's $msec (cached per event-loop turn, in ms)
+        # running behind: 0. One of MAX_QUEUE or more comes from a bad header: dropped.
+        queued.sort()
+        behind, bad = bisect_left(queued, 0.0), bisect_left(queued, MAX_QUEUE)
+        _observe_sorted(self._queue, [0.0] * behind + queued[behind:bad])
+        _observe_sorted(self._size, sorted(sizes))
+        if began != ended:
+            self._in_flight.inc(began - ended)
+
+    def _counter(self, method: str, code: str) -> Any:
+        child = self._counters.get((method, code))
+        if child is None:
+            child = self._counters[(method, code)] = self._requests.labels(
+                self.app_name, method, code, code[:1] + "xx")
+        return child
+
+    def _histogram_for(self, method: str) -> Any:
+        child = self._durations.get(method)
+        if child is None:
+            child = self._durations[method] = _histogram(
+                self._duration.labels(self.app_name, method))
+        return child
+
+
+def _flush_at_exit() -> None:
+    """Have this process run flush_requests() as it exits, once per process."""
+    global _exit_hooks_pid
+    if _exit_hooks_pid == os.getpid():
+        return
+    _exit_hooks_pid = os.getpid()
+    if multiprocessing.parent_process() is not None:
+        # A multiprocessing child (granian's workers) ends with os._exit after running
+        # these finalizers, not atexit's handlers (a timeout bounds a flusher stuck
+        # mid-write, which should not happen, so it cannot hang the exit).
+        multiprocessing.util.Finalize(None, flush_requests, exitpriority=10)
+    else:
+        atexit.register(flush_requests)
+
+
+def _histogram(child: Any) -> Any:
+    """`child`, checked to keep the values `_observe_sorted` writes to.
+
+    Adding a batch needs a histogram child's values (`_sum`, one per bucket in
+    `_buckets`, bounds in `_upper_bounds`), which prometheus_client's public API does
+    not expose: it observes one value at a time. Raises if they are not as known, so a
+    library that changed them fails loudly at a worker's first request (logged; the
+    requests are served) instead of miscounting."""
+    bounds = getattr(child, "_upper_bounds", None)
+    buckets = getattr(child, "_buckets", None)
+    if not bounds or bounds[-1] != INF or len(buckets or ()) != len(bounds) or \
+            not hasattr(getattr(child, "_sum", None), "inc"):
+        raise RuntimeError("prometheus_client's Histogram does not keep _sum, _buckets "
+                           "and _upper_bounds as hostsvc expects")
+    return child
+
+
+def _observe_sorted(child: Any, values: list[float]) -> None:
+    """Add sorted `values` to a histogram child: what one observe() per value would
+    have written, one write per bucket that gets any."""
+    if not values:
+        return
+    child._sum.inc(sum(values))
+    below = 0
+    for bucket, bound in zip(child._buckets, child._upper_bounds):
+        upto = bisect_right(values, bound, below)      # observe(): value <= bound
+        if upto > below:
+            bucket.inc(upto - below)
+            below = upto
+
+
+def _perf_counter_at(header: str, offset: float) -> float:
+    """The perf_counter() reading at nginx's "t=<unix seconds>", or -Inf for a header
+    that is not one (its queue time, +Inf, is dropped). The prefix is not compared:
+    anything else fails float() or gives a queue time outside [0, MAX_QUEUE)."""
+    try:
+        stamp = float(header[2:])
+    except ValueError:
+        return -INF
+    return stamp - offset if math.isfinite(stamp) else -INF
 
 
 class _CountingBody:
     """Wraps a streamed body: counts bytes as they go and records on close()."""
 
-    __slots__ = ("body", "recorder", "method", "status", "started", "size", "done")
+    __slots__ = ("body", "recorder", "method", "status", "started", "header", "size",
+                 "done")
 
     def __init__(self, body: Iterable[bytes], recorder: _Recorder, method: str,
-                 status: list[str], started: float) -> None:
+                 status: list[str | None], started: float, header: str | None) -> None:
         self.body = body
         self.recorder = recorder
         self.method = method
         self.status = status
         self.started = started
+        self.header = header
         self.size = 0
         self.done = False
 
@@ -252,8 +321,8 @@ class _CountingBody:
         finally:
             if not self.done:
                 self.done = True
-                self.recorder.finish(self.method, self.status[0] or "500", self.started,
-                                     self.size)
+                self.recorder.push((self.method, self.status[0], self.started,
+                                    time.perf_counter(), self.header, self.size))
 
 
 def instrument(app_name: str, wsgi_app: WSGIApp) -> WSGIApp:
@@ -261,28 +330,24 @@ def instrument(app_name: str, wsgi_app: WSGIApp) -> WSGIApp:
 
     Queue time comes from nginx's `X-Request-Start: t=<unix seconds with ms>` header
     (hostsvc's nginx sets it to `$msec`); requests without it are not observed there.
-    An exception from the app is recorded as a 500 (what gunicorn will answer) and
+    An exception from the app is recorded as a 500 (what the server will answer) and
     re-raised.
     """
     recorder = _Recorder(app_name)
+    push = recorder.push
+    clock = time.perf_counter
+    batch_mask = FLUSH_BATCH - 1
+    assert FLUSH_BATCH & batch_mask == 0, "FLUSH_BATCH must be a power of two"
 
     def middleware(environ: dict[str, Any], start_response: Callable[..., Any]
                    ) -> Iterable[bytes]:
-        started = time.perf_counter()
-        queued = None
-        if not recorder.bound:
-            recorder.bind()
-        header = environ.get("HTTP_X_REQUEST_START")
-        if header is not None and header.startswith("t="):
-            try:
-                queued = max(0.0, time.time() - float(header[2:]))
-            except ValueError:
-                pass
-        recorder.start(queued)
-        method = environ.get("REQUEST_METHOD", "GET")
-        if method not in KNOWN_METHODS:
-            method = "other"
-        status = [""]
+        started = clock()
+        if not recorder.running and not recorder.start():
+            return wsgi_app(environ, start_response)
+        number = next(recorder.began)
+        # A list, not a local: a streamed body reads it at close, and a generator app
+        # calls start_response only when the server first iterates it.
+        status: list[str | None] = [None]
 
         def counting_start_response(status_line: str, headers: list[tuple[str, str]],
                                     exc_info: Any = None) -> Callable[[bytes], Any]:
@@ -294,11 +359,17 @@ def instrument(app_name: str, wsgi_app: WSGIApp) -> WSGIApp:
         except BaseException:
             # BaseException too: a worker aborted for a timeout raises SystemExit here,
             # and gunicorn still answers that request with a 500.
-            recorder.finish(method, "500", started, 0)
+            push((environ["REQUEST_METHOD"], "500", started, clock(),
+                  environ.get("HTTP_X_REQUEST_START"), 0))
             raise
-        if type(body) is list or type(body) is tuple:
-            recorder.finish(method, status[0] or "500", started, sum(map(len, body)))
-            return body
-        return _CountingBody(body, recorder, method, status, started)
+        if type(body) is not list:
+            return _CountingBody(body, recorder, environ["REQUEST_METHOD"],
+                                 status, started, environ.get("HTTP_X_REQUEST_START"))
+        push((environ["REQUEST_METHOD"], status[0], started, clock(),
+              environ.get("HTTP_X_REQUEST_START"),
+              len(body[0]) if len(body) == 1 else sum(map(len, body))))
+        if not number & batch_mask:
+            recorder.flush(wait=False)
+        return body
 
     return middleware

@@ -15,12 +15,15 @@ import stat
 import subprocess
 import sys
 import tempfile
+import time
 from collections import Counter as Tally
 from typing import Any
 
 import pytest
 
 from harness import wait_for
+
+from hostsvc.metrics.wsgi import FLUSH_INTERVAL
 
 APPS = """
     listen: 127.0.0.1:{port}
@@ -101,6 +104,12 @@ def scrape(svc: Any) -> dict[str, list[Any]]:
     return samples(body.decode())
 
 
+def scrape_when(svc: Any, check: Any, what: str) -> dict[str, list[Any]]:
+    """The first scrape for which `check(samples)` holds: workers write their requests
+    in batches, up to FLUSH_INTERVAL after they end (hostsvc/metrics/wsgi.py)."""
+    return wait_for(lambda: (lambda f: f if check(f) else None)(scrape(svc)), what=what)
+
+
 def value(found: dict[str, list[Any]], name: str, **labels: str) -> float | None:
     """The sample `name` with exactly these labels (a subset match), None if absent;
     summed if several match."""
@@ -134,6 +143,8 @@ def test_requests_queue_time_worker_crash_reloads_and_openmetrics(hostsvc) -> No
         got = svc.request(path, method=method, body=b"x" * 10 if method == "POST" else None)
         assert got[0] == code, (path, got)
         sent[(app, method, str(code))] += 1
+    scrape_when(svc, lambda f: request_counts(f) == dict(sent), "the requests to be written")
+    time.sleep(2 * FLUSH_INTERVAL)      # anything a worker still held would be written now
     found = scrape(svc)
     assert request_counts(found) == dict(sent)
     assert value(found, "hostsvc_http_requests_total", app="codes", code="500",
@@ -187,7 +198,7 @@ def test_requests_queue_time_worker_crash_reloads_and_openmetrics(hostsvc) -> No
     for _ in range(4):        # both workers, the new one included, keep counting
         assert svc.request("/echo/")[0] == 200
     sent[("echo", "GET", "200")] += 4
-    assert request_counts(scrape(svc)) == dict(sent)
+    scrape_when(svc, lambda f: request_counts(f) == dict(sent), "the new worker's requests")
 
     # 4. a good reload (echo replaced blue/green: its old pool's totals stay), then a bad one
     svc.write_config(APPS % "hola")
@@ -196,10 +207,9 @@ def test_requests_queue_time_worker_crash_reloads_and_openmetrics(hostsvc) -> No
     assert svc.get_json("/echo/")["greeting"] == "hola"
     sent[("echo", "GET", "200")] += 1
     svc.remember_pids()
-    found = wait_for(lambda: (f := scrape(svc)) and value(
-        f, "hostsvc_config_reloads_total", result="success") == 1 and f,
-        what="the successful reload to be counted")
-    assert request_counts(found) == dict(sent)
+    scrape_when(svc, lambda f: value(f, "hostsvc_config_reloads_total", result="success") == 1
+                and request_counts(f) == dict(sent),
+                "the successful reload and the new pool's request to be counted")
     svc.write_config(APPS.replace("workers: 1", "workers: none", 1) % "hola")
     os.kill(svc.proc.pid, signal.SIGHUP)
     wait_for(lambda: (svc.state().get("reloads") or {}).get("failed") == 1,
