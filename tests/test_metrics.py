@@ -470,8 +470,14 @@ def _compare_batched_and_observed(mp: Path, monkeypatch: Any) -> None:
     _drive(app, REQUESTS)
     _drive(app, [("GET", "/200", "99"), ("PATCH", "/503", "1")], start="bogus")
     _drive(app, [("PUT", "/200", "1"), ("GET", "/200", "2")], start=None)
+    # Queue times below 0: nginx's clock behind by up to 1 s (observed as 0), or a
+    # header from the future or in ms (dropped); above a day: dropped.
+    _drive(app, [("GET", "/200", "3")] * 2, start="t=1006.5")
+    _drive(app, [("GET", "/200", "4")], start="t=1010.000")
+    _drive(app, [("GET", "/200", "5")], start="t=1733079000123")
+    _drive(app, [("GET", "/200", "6")], start="t=-90000")
     records = list(_recorder(app).pending)
-    assert len(records) == len(REQUESTS) + 4         # the /raise ones too, as 500s
+    assert len(records) == len(REQUESTS) + 9         # the /raise ones too, as 500s
     monkeypatch.setattr(wsgi._Recorder, "flush", flush)
     monkeypatch.setattr(time, "perf_counter", lambda: 4.0)
     monkeypatch.setattr(time, "time", lambda: 1010.25)     # queue times 6.25 s + k/256
@@ -487,19 +493,22 @@ def _compare_batched_and_observed(mp: Path, monkeypatch: Any) -> None:
         m["hostsvc_http_request_duration_seconds"].labels("reference", method).observe(
             ended - started)
         m["hostsvc_http_response_size_bytes"].labels("reference").observe(size)
-        if header and header.startswith("t="):
+        queued = started + 1006.25 - float(header[2:]) if header and \
+            header.startswith("t=") else None
+        if queued is not None and -1.0 <= queued < 86400.0:
             m["hostsvc_http_request_queue_seconds"].labels("reference").observe(
-                started + 1006.25 - float(header[2:]))
+                max(queued, 0.0))
     m["hostsvc_http_requests_in_flight"].labels("reference")
     written = _file_values(mp, os.getpid(), "batched")
     assert written == _file_values(mp, os.getpid(), "reference")
     total = '{"code": "200", "code_class": "2xx", "method": "GET"}'
-    assert written[("hostsvc_http_requests_total", total)] == 3 + 3 + 1 + 1
+    assert written[("hostsvc_http_requests_total", total)] == 3 + 3 + 1 + 1 + 5
     assert written[("hostsvc_http_requests_total",
                     '{"code": "500", "code_class": "5xx", "method": "DELETE"}')] == 3
     # (the files keep one value per bucket; a scrape cumulates them and adds _count)
     assert sum(v for (name, _), v in written.items()
-               if name == "hostsvc_http_request_queue_seconds_bucket") == len(REQUESTS)
+               if name == "hostsvc_http_request_queue_seconds_bucket") == len(REQUESTS) + 2
+    assert written[("hostsvc_http_request_queue_seconds_bucket", '{"le": "0.0005"}')] == 2
     assert written[("hostsvc_http_requests_in_flight", "{}")] == 0
 
 
@@ -525,20 +534,27 @@ def _batch_boundaries(mp: Path, monkeypatch: Any) -> None:
     _drive(app, one)
     assert _requests_written(mp, os.getpid(), "batches") == wsgi.FLUSH_BATCH
     assert not _recorder(app).pending
+    streamed = [("GET", "/stream", "")]                   # closed by the server
+    _drive(app, streamed * (wsgi.FLUSH_BATCH - 2))
+    assert _requests_written(mp, os.getpid(), "batches") == wsgi.FLUSH_BATCH
+    _drive(app, streamed)
+    assert _requests_written(mp, os.getpid(), "batches") == 2 * wsgi.FLUSH_BATCH - 1
 
 
-def test_the_flusher_thread_writes_an_idle_workers_last_requests(tmp_path: Path) -> None:
-    _in_child(lambda: _idle_tail(tmp_path), tmp_path)
+def test_the_flusher_thread_writes_an_idle_workers_last_requests(tmp_path: Path,
+                                                                 monkeypatch: Any) -> None:
+    _in_child(lambda: _idle_tail(tmp_path, monkeypatch), tmp_path)
 
 
-def _idle_tail(mp: Path) -> None:
+def _idle_tail(mp: Path, monkeypatch: Any) -> None:
     from hostsvc.metrics import wsgi
 
+    monkeypatch.setattr(wsgi, "FLUSH_INTERVAL", 1.0)   # 5 requests take far less
     app = instrument("idle", _app)
     _drive(app, [("GET", "/200", "1")] * 5)
     assert _requests_written(mp, os.getpid(), "idle") == 1      # the first, at once
     wait_for(lambda: _requests_written(mp, os.getpid(), "idle") == 5,
-             timeout=wsgi.FLUSH_INTERVAL * 8, what="the flusher thread")
+             timeout=8, what="the flusher thread")
 
 
 EXITING_WORKER = """
@@ -602,6 +618,120 @@ def _fork_after_binding(mp: Path, monkeypatch: Any) -> None:
     assert _requests_written(mp, pid, "forked") == len(REQUESTS)
     flush_requests()
     assert _requests_written(mp, os.getpid(), "forked") == 3
+
+
+def test_a_fork_waits_for_a_batch_being_written(tmp_path: Path, monkeypatch: Any) -> None:
+    """The flusher thread holds prometheus_client's lock while it writes; a child
+    forked at that moment would hang at its first metric write. A fork waits."""
+    _in_child(lambda: _fork_during_flush(tmp_path, monkeypatch), tmp_path)
+
+
+def _fork_during_flush(mp: Path, monkeypatch: Any) -> None:
+    from hostsvc.metrics import wsgi
+
+    monkeypatch.setattr(wsgi, "FLUSH_INTERVAL", 3600.0)
+    writing, release = threading.Event(), threading.Event()
+    write = wsgi._Recorder._write
+
+    def slow_write(self: Any, *args: Any) -> None:
+        writing.set()
+        release.wait(10)
+        write(self, *args)
+    monkeypatch.setattr(wsgi._Recorder, "_write", slow_write)
+    app = instrument("forking", _app)
+    _drive(app, [("GET", "/200", "1")])                 # the first writes at once
+    monkeypatch.setattr(wsgi._Recorder, "_write", write)
+    _drive(app, [("GET", "/200", "1")] * 2)
+    monkeypatch.setattr(wsgi._Recorder, "_write", slow_write)
+    writing.clear()
+    flusher = threading.Thread(target=flush_requests)
+    flusher.start()
+    assert writing.wait(10)
+    forked: list[int] = []
+
+    def in_the_child() -> None:
+        wsgi._Recorder._write = write            # no waiting for the parent's event
+        _drive(app, [("GET", "/201", "1")])
+        flush_requests()
+
+    def fork_child() -> None:
+        forked.append(_in_child(in_the_child, mp))
+    forking = threading.Thread(target=fork_child)
+    forking.start()
+    forking.join(0.5)
+    assert forking.is_alive() and not forked, "the fork did not wait for the batch"
+    release.set()
+    flusher.join(10)
+    forking.join(20)
+    assert forked and _requests_written(mp, forked[0], "forking") == 1
+    assert _requests_written(mp, os.getpid(), "forking") == 3
+
+
+def test_a_bad_record_costs_its_own_count_only(tmp_path: Path) -> None:
+    """A status that is not a str (an app's mistake the server rejects) is a 500; the
+    batch around it is written and nothing stays in flight."""
+    _in_child(lambda: _bad_status(tmp_path), tmp_path)
+
+
+def _bad_status(mp: Path) -> None:
+    def wrong(environ: dict[str, Any], start_response: Any) -> Any:
+        start_response(200, [])                 # an int: the server would refuse it
+        yield b"x"
+    good, bad = instrument("good", _app), instrument("good", wrong)
+    _drive(good, [("GET", "/200", "1")] * 10)
+    _drive(bad, [("GET", "/", "")])
+    _drive(good, [("GET", "/200", "1")] * 2)
+    flush_requests()
+    written = _file_values(mp, os.getpid(), "good")
+    assert _requests_written(mp, os.getpid(), "good") == 13
+    assert written[("hostsvc_http_requests_total",
+                    '{"code": "500", "code_class": "5xx", "method": "GET"}')] == 1
+    assert written[("hostsvc_http_requests_in_flight", "{}")] == 0
+
+
+def test_a_signal_handler_cannot_cut_a_batch_short(tmp_path: Path) -> None:
+    """gunicorn ends a worker with sys.exit() from signal handlers in the main thread;
+    one arriving while the request path writes a batch runs after the batch."""
+    _in_child(lambda: _signal_in_batch(tmp_path), tmp_path)
+
+
+def _signal_in_batch(mp: Path) -> None:
+    from hostsvc.metrics import wsgi
+
+    def exit_now(signum: int, frame: Any) -> None:
+        raise SystemExit(0)
+    signal.signal(signal.SIGUSR1, exit_now)
+    write = wsgi._Recorder._write
+
+    def signalled_write(self: Any, *args: Any) -> None:
+        os.kill(os.getpid(), signal.SIGUSR1)     # the handler would run right here
+        write(self, *args)
+    wsgi._Recorder._write = signalled_write
+    try:
+        with pytest.raises(SystemExit):
+            _drive(instrument("signalled", _app), [("GET", "/200", "5")])
+    finally:
+        wsgi._Recorder._write = write
+    written = _file_values(mp, os.getpid(), "signalled")
+    assert _requests_written(mp, os.getpid(), "signalled") == 1
+    assert written[("hostsvc_http_response_size_bytes_sum", "{}")] == 5
+
+
+def test_without_a_flusher_thread_requests_are_still_served_and_counted(
+        tmp_path: Path, monkeypatch: Any, caplog: Any) -> None:
+    _in_child(lambda: _no_thread(tmp_path, monkeypatch, caplog), tmp_path)
+
+
+def _no_thread(mp: Path, monkeypatch: Any, caplog: Any) -> None:
+    def refuse(self: Any) -> None:
+        raise RuntimeError("can't start new thread")
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    app = instrument("threadless", _app)
+    _drive(app, [("GET", "/200", "1")] * 3 + [("HEAD", "/200", "")])
+    _drive(app, [("", "/200", "1")])
+    flush_requests()
+    assert _requests_written(mp, os.getpid(), "threadless") == 5
+    assert "no flusher thread (can't start new thread)" in caplog.text
 
 
 def test_a_library_without_the_histogram_values_leaves_requests_served(

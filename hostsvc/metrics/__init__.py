@@ -19,5 +19,5 @@ from .spec import SPECS, exported_names
 from .wsgi import flush_requests, instrument
 
 __all__ = ["MetricsServer", "SPECS", "archive_dead_processes", "archive_process",
-           "exported_names", "flush_requests", "gunicorn_hooks", "instrument", "prepare_multiproc_dir",
-           "worker_exited"]
+           "exported_names", "flush_requests", "gunicorn_hooks", "instrument",
+           "prepare_multiproc_dir", "worker_exited"]

@@ -32,6 +32,7 @@ import math
 import multiprocessing
 import multiprocessing.util
 import os
+import signal
 import threading
 import time
 from bisect import bisect_left, bisect_right
@@ -50,12 +51,23 @@ KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPT
 # The request that draws a multiple of FLUSH_BATCH from the start counter writes the
 # queue (each flush draws one number too): about every FLUSH_BATCH requests under load.
 FLUSH_BATCH = 256
+FLUSH_MASK = FLUSH_BATCH - 1
+assert FLUSH_BATCH & FLUSH_MASK == 0, "FLUSH_BATCH must be a power of two"
 FLUSH_INTERVAL = 0.25      # seconds: the longest an ended request waits to be written
 ERROR_LOG_INTERVAL = 60.0  # seconds between two logged failures of one recorder
 
 INF = float("inf")
-# A queue time of a day or more comes from a header or a clock gone wrong.
+# A queue time of a day or more, or below -1 s, comes from a header or a clock gone
+# wrong: not observed. Between -1 s and 0 it is nginx's $msec (in ms, cached per
+# event-loop turn) running behind the worker's clock: observed as 0.
 MAX_QUEUE = 86400.0
+MIN_QUEUE = -1.0
+# Signals whose Python handlers (gunicorn's exit, abort and reload handlers) would
+# interrupt a batch being written in the main thread: held back until it is written.
+DEFERRED_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGQUIT, signal.SIGHUP,
+                              signal.SIGABRT, signal.SIGUSR1, signal.SIGUSR2,
+                              signal.SIGALRM, signal.SIGCHLD, signal.SIGWINCH,
+                              signal.SIGTTIN, signal.SIGTTOU})
 
 # One ended request as the request path queues it: method, status line (None if the
 # app never called start_response), perf_counter() at its start and end, the raw
@@ -93,13 +105,24 @@ class _Recorder:
         self._counters: dict[tuple[str, str], Any] = {}
         self._durations: dict[str, Any] = {}
         self._last_error = -ERROR_LOG_INTERVAL
-        os.register_at_fork(after_in_child=self._forked)
+        # A fork waits for a batch being written: the child would otherwise inherit
+        # prometheus_client's lock (one per process, never reset) held by the flusher
+        # thread, and hang at its first metric write.
+        os.register_at_fork(before=self._flushing_lock_acquire,
+                            after_in_parent=self._flushing_lock_release,
+                            after_in_child=self._forked)
 
     def _reset_counts(self) -> None:
         self._own_reads = 0      # next(self.began) calls the flushes made
         self._began_written = 0  # request starts already added to the in-flight gauge
         self._flushing = threading.Lock()
         self._starting = threading.Lock()
+
+    def _flushing_lock_acquire(self) -> None:
+        self._flushing.acquire()
+
+    def _flushing_lock_release(self) -> None:
+        self._flushing.release()
 
     def start(self) -> bool:
         """On a process's first request: bind the app's children, start the flusher
@@ -122,8 +145,13 @@ class _Recorder:
                 log.exception("request metrics of %s are off in worker %d",
                               self.app_name, os.getpid())
                 return False
-            threading.Thread(target=self._flush_periodically, daemon=True,
-                             name=f"hostsvc-metrics-{self.app_name}").start()
+            try:
+                threading.Thread(target=self._flush_periodically, daemon=True,
+                                 name=f"hostsvc-metrics-{self.app_name}").start()
+            except RuntimeError as exc:     # the process or cgroup is out of threads
+                log.warning("request metrics of %s in worker %d: no flusher thread (%s); "
+                            "batches are written by requests and at exit only",
+                            self.app_name, os.getpid(), exc)
             _flush_at_exit()
             self.running = True
             return True
@@ -138,6 +166,9 @@ class _Recorder:
         self._reset_counts()
 
     def _flush_periodically(self) -> None:
+        # Signals go to a thread that does not block them, and the main thread blocks
+        # these while it writes a batch: this thread must not take them either.
+        signal.pthread_sigmask(signal.SIG_BLOCK, DEFERRED_SIGNALS)
         while True:
             time.sleep(FLUSH_INTERVAL)
             self.flush()
@@ -148,24 +179,44 @@ class _Recorder:
         if not self._flushing.acquire(wait, timeout):
             return
         try:
+            if threading.current_thread() is threading.main_thread():
+                # gunicorn's handlers of these end a sync worker with sys.exit() in the
+                # main thread: mid-batch, they would lose the records taken so far.
+                # (Python runs handlers in the main thread only, so a batch written in
+                # another thread cannot be cut short this way.)
+                held = signal.pthread_sigmask(signal.SIG_BLOCK, DEFERRED_SIGNALS)
+                try:
+                    self._flush()
+                finally:
+                    signal.pthread_sigmask(signal.SIG_SETMASK, held)
+            else:
+                self._flush()
+        finally:
+            self._flushing.release()
+
+    def _flush(self) -> None:
+        try:
             n = len(self.pending)      # first: each of these records' starts is counted
             began = next(self.began) - self._own_reads
             self._own_reads += 1
-            if n or began != self._began_written:
-                self._collect(n, began - self._began_written)
-                self._began_written = began
+            # The gauge first and the records after: if a batch fails half-way, its
+            # requests are lost but nothing stays in flight for good.
+            in_flight = began - self._began_written - n
+            self._began_written = began
+            if in_flight:
+                self._in_flight.inc(in_flight)
+            if n:
+                self._collect(n)
         except Exception:  # noqa: BLE001 - metrics must never fail a request
             now = time.monotonic()
             if now - self._last_error >= ERROR_LOG_INTERVAL:
                 self._last_error = now
                 log.exception("writing request metrics of %s failed; that batch is lost "
                               "(logged at most once a minute)", self.app_name)
-        finally:
-            self._flushing.release()
 
-    def _collect(self, n: int, began: int) -> None:
+    def _collect(self, n: int) -> None:
         """Take the first `n` queued records apart into the values each metric needs,
-        and have them written with `began` new request starts. Flush lock held.
+        and have them written. Flush lock held.
 
         This loop is what a batch costs per request, so it does no more than file
         each record's values into plain lists and dicts; the sums and buckets are made
@@ -192,10 +243,9 @@ class _Recorder:
                 if header != header_seen:
                     header_seen, started_at = header, _perf_counter_at(header, offset)
                 queued.append(started - started_at)
-        self._write(n, began, by_method, sizes, queued)
+        self._write(by_method, sizes, queued)
 
-    def _write(self, ended: int, began: int,
-               by_method: dict[str, tuple[dict[str | None, int], list[float]]],
+    def _write(self, by_method: dict[str, tuple[dict[Any, int], list[float]]],
                sizes: list[int], queued: list[float]) -> None:
         """Add a batch to the files through prometheus_client's value objects, once per
         series, taking the library's lock and checking the pid as observe() does. Each
@@ -205,18 +255,17 @@ class _Recorder:
         for method, (codes, values) in by_method.items():
             method = method if method in KNOWN_METHODS else "other"
             for status, count in codes.items():
-                self._counter(method, status[:3] if status else "500").inc(count)
+                # A status that is not a str (an app's mistake) fails the request
+                # in the server: 500, as an app that never called start_response.
+                code = status[:3] if type(status) is str and status else "500"
+                self._counter(method, code).inc(count)
             durations.setdefault(method, []).extend(values)
         for method, values in durations.items():
             _observe_sorted(self._histogram_for(method), sorted(values))
-        # A negative queue time is nginx's $msec (cached per event-loop turn, in ms)
-        # running behind: 0. One of MAX_QUEUE or more comes from a bad header: dropped.
-        queued.sort()
-        behind, bad = bisect_left(queued, 0.0), bisect_left(queued, MAX_QUEUE)
-        _observe_sorted(self._queue, [0.0] * behind + queued[behind:bad])
+        queued.sort()           # then: below MIN_QUEUE | behind (0) | observed | bad
+        low, zero, high = (bisect_left(queued, v) for v in (MIN_QUEUE, 0.0, MAX_QUEUE))
+        _observe_sorted(self._queue, [0.0] * (zero - low) + queued[zero:high])
         _observe_sorted(self._size, sorted(sizes))
-        if began != ended:
-            self._in_flight.inc(began - ended)
 
     def _counter(self, method: str, code: str) -> Any:
         child = self._counters.get((method, code))
@@ -241,8 +290,7 @@ def _flush_at_exit() -> None:
     _exit_hooks_pid = os.getpid()
     if multiprocessing.parent_process() is not None:
         # A multiprocessing child (granian's workers) ends with os._exit after running
-        # these finalizers, not atexit's handlers (a timeout bounds a flusher stuck
-        # mid-write, which should not happen, so it cannot hang the exit).
+        # these finalizers, not atexit's handlers.
         multiprocessing.util.Finalize(None, flush_requests, exitpriority=10)
     else:
         atexit.register(flush_requests)
@@ -282,10 +330,10 @@ def _observe_sorted(child: Any, values: list[float]) -> None:
 def _perf_counter_at(header: str, offset: float) -> float:
     """The perf_counter() reading at nginx's "t=<unix seconds>", or -Inf for a header
     that is not one (its queue time, +Inf, is dropped). The prefix is not compared:
-    anything else fails float() or gives a queue time outside [0, MAX_QUEUE)."""
+    anything else fails float() or gives a queue time outside [MIN_QUEUE, MAX_QUEUE)."""
     try:
         stamp = float(header[2:])
-    except ValueError:
+    except (TypeError, ValueError):
         return -INF
     return stamp - offset if math.isfinite(stamp) else -INF
 
@@ -293,17 +341,19 @@ def _perf_counter_at(header: str, offset: float) -> float:
 class _CountingBody:
     """Wraps a streamed body: counts bytes as they go and records on close()."""
 
-    __slots__ = ("body", "recorder", "method", "status", "started", "header", "size",
-                 "done")
+    __slots__ = ("body", "recorder", "method", "status", "started", "header", "number",
+                 "size", "done")
 
     def __init__(self, body: Iterable[bytes], recorder: _Recorder, method: str,
-                 status: list[str | None], started: float, header: str | None) -> None:
+                 status: list[str | None], started: float, header: str | None,
+                 number: int) -> None:
         self.body = body
         self.recorder = recorder
         self.method = method
         self.status = status
         self.started = started
         self.header = header
+        self.number = number
         self.size = 0
         self.done = False
 
@@ -321,8 +371,11 @@ class _CountingBody:
         finally:
             if not self.done:
                 self.done = True
-                self.recorder.push((self.method, self.status[0], self.started,
-                                    time.perf_counter(), self.header, self.size))
+                recorder = self.recorder
+                recorder.push((self.method, self.status[0], self.started,
+                               time.perf_counter(), self.header, self.size))
+                if not self.number & FLUSH_MASK:
+                    recorder.flush(wait=False)
 
 
 def instrument(app_name: str, wsgi_app: WSGIApp) -> WSGIApp:
@@ -336,8 +389,6 @@ def instrument(app_name: str, wsgi_app: WSGIApp) -> WSGIApp:
     recorder = _Recorder(app_name)
     push = recorder.push
     clock = time.perf_counter
-    batch_mask = FLUSH_BATCH - 1
-    assert FLUSH_BATCH & batch_mask == 0, "FLUSH_BATCH must be a power of two"
 
     def middleware(environ: dict[str, Any], start_response: Callable[..., Any]
                    ) -> Iterable[bytes]:
@@ -345,6 +396,8 @@ def instrument(app_name: str, wsgi_app: WSGIApp) -> WSGIApp:
         if not recorder.running and not recorder.start():
             return wsgi_app(environ, start_response)
         number = next(recorder.began)
+        method = environ.get("REQUEST_METHOD", "GET")
+        header = environ.get("HTTP_X_REQUEST_START")
         # A list, not a local: a streamed body reads it at close, and a generator app
         # calls start_response only when the server first iterates it.
         status: list[str | None] = [None]
@@ -359,16 +412,13 @@ def instrument(app_name: str, wsgi_app: WSGIApp) -> WSGIApp:
         except BaseException:
             # BaseException too: a worker aborted for a timeout raises SystemExit here,
             # and gunicorn still answers that request with a 500.
-            push((environ["REQUEST_METHOD"], "500", started, clock(),
-                  environ.get("HTTP_X_REQUEST_START"), 0))
+            push((method, "500", started, clock(), header, 0))
             raise
         if type(body) is not list:
-            return _CountingBody(body, recorder, environ["REQUEST_METHOD"],
-                                 status, started, environ.get("HTTP_X_REQUEST_START"))
-        push((environ["REQUEST_METHOD"], status[0], started, clock(),
-              environ.get("HTTP_X_REQUEST_START"),
+            return _CountingBody(body, recorder, method, status, started, header, number)
+        push((method, status[0], started, clock(), header,
               len(body[0]) if len(body) == 1 else sum(map(len, body))))
-        if not number & batch_mask:
+        if not number & FLUSH_MASK:
             recorder.flush(wait=False)
         return body
 
