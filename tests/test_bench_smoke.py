@@ -64,6 +64,21 @@ def test_quick_fullstack_benchmark_prints_rows_ratios_startup_and_memory() -> No
                      re.M), out
     assert re.search(r"^ratio E/D .*\d+\.\d+x$", out, re.M), out
     assert re.search(r"^metrics cost 1 - E/F .*-?[\d.]+ %$", out, re.M), out
+    for engine in ("gunicorn", "granian"):
+        assert re.search(rf"^pool CPU per request, {engine} +metrics on +[\d.]+ us  off +"
+                         rf"[\d.]+ us  metrics +[+-][\d.]+ us$", out, re.M), out
     assert re.search(r"^startup .* 10 apps .*\d+\.\d+ s .*(PASS|MISS)$", out, re.M), out
     for what in ("supervisor", "idle gunicorn pool", "idle granian pool", "nginx master"):
         assert re.search(rf"^memory +{what}.*RSS +[\d.]+ MiB +PSS +[\d.]+ MiB$", out, re.M), out
+
+
+def test_metrics_overhead_benchmark_prints_every_row() -> None:
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "metrics_overhead.py"),
+                           "--seconds", "0.05"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    out = proc.stdout
+    assert proc.returncode == 0, out + proc.stderr
+    assert re.search(r"^bare +warm +[\d.]+ us  cold +[\d.]+ us$", out, re.M), out
+    for row in ("public API, per request", "instrument\\(\\)"):
+        assert re.search(rf"^{row} +warm +[\d.]+ us  cold +[\d.]+ us  metrics +-?[\d.]+ / "
+                         rf"+-?[\d.]+$", out, re.M), f"missing row {row}:\n{out}"

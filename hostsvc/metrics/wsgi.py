@@ -9,7 +9,7 @@ as it ended cost 6.5-7.5 us per request in a gunicorn worker, even written in pl
 appends a tuple of what it saw as it ends (`_Recorder.pending`); the tuples are summed
 and written through prometheus_client's own value objects in batches: by the request
 that ends a batch of about FLUSH_BATCH, or by a flusher thread every FLUSH_INTERVAL. A
-batch runs warm and writes each series once, however many requests it holds (11.0k
+batch runs warm and writes each series once, however many requests it holds (11.5k
 instructions per request in all; docs/metrics.md has the measurements).
 
 What that costs in accuracy: a scrape sees a request up to FLUSH_INTERVAL after it
