@@ -16,8 +16,8 @@ What that costs in accuracy: a scrape sees a request up to FLUSH_INTERVAL after 
 ended (Prometheus scrapes every 15-60 s), and a worker that is SIGKILLed (or
 OOM-killed, or crashes in C) loses what it had not written yet: at most FLUSH_INTERVAL's
 worth of requests, or about FLUSH_BATCH under load. A worker that exits through Python
-(a graceful stop, max_requests, a timeout abort, an exception) writes the rest as it
-exits.
+(a graceful stop, max_requests, a sync worker's timeout abort, an exception) writes the
+rest as it exits.
 
 The children are created on a worker's first request, never in the pool's main
 process: with preload the middleware is built there, and a value touched there would
@@ -118,6 +118,7 @@ class _Recorder:
         self._flushing = threading.Lock()
         self._starting = threading.Lock()
 
+    # (Not the lock's own methods: a fork child gets a new lock, see _reset_counts.)
     def _flushing_lock_acquire(self) -> None:
         self._flushing.acquire()
 
@@ -224,7 +225,7 @@ class _Recorder:
         pop = self.pending.popleft
         offset = time.time() - time.perf_counter()    # perf_counter() -> unix time
         # method -> ({status line: requests}, [durations])
-        by_method: dict[str, tuple[dict[str | None, int], list[float]]] = {}
+        by_method: dict[str, tuple[dict[Any, int], list[float]]] = {}
         sizes: list[int] = []
         queued: list[float] = []
         header_seen, started_at = None, 0.0
