@@ -21,9 +21,10 @@ workers twice) of the supervisor and of one idle pool.
 Rows B, C, E and F each run on METRICS_INSTANCES stacks of their own, their rounds
 pooled: two identical stacks can differ by several percent for the whole run (hash
 seeds, memory layout), which is as large as the metrics cost being measured. For the
-same reason the pools' CPU time per request (utime + stime from /proc, of the pool's
-main process and workers) is printed beside the throughput: it moves less with the
-load of the rest of the machine.
+same reason CPU time per request (utime + stime from /proc and getrusage) is printed
+beside the throughput, of the pool and of the whole stack (pool, nginx and wrk): it moves
+less with the load of the rest of the machine and with scheduling, and with every core
+busy, 1 - CPU off / CPU on is what the metrics cost in throughput.
 
     .venv/bin/python bench/fullstack.py [--duration 8] [--connections 32] [--quick]
 
@@ -35,6 +36,7 @@ import argparse
 import contextlib
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -48,6 +50,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 
 import apps  # noqa: E402
+from hostsvc.procs import children_of  # noqa: E402
 from web import (Case, free_port, parse_wrk, run_wrk, serving, stop_group,  # noqa: E402
                  wait_ready)
 
@@ -134,26 +137,46 @@ def pool_memory(app_state: dict) -> tuple[int, int, int]:
     return len(mem) - 1, sum(m[0] for m in mem), sum(m[1] for m in mem)
 
 
-def pool_cpu_seconds(runtime: Path) -> float:
-    """CPU seconds used so far by the pool of app0 in the hostsvc run of `runtime`: its
-    main process (with the workers it reaped) and its live workers."""
-    app = read_state(runtime)["apps"]["app0"]
+def cpu_seconds(pids: list[int]) -> float:
+    """CPU seconds the processes used so far, with the children they reaped."""
     total = 0
-    for pid in [app["pid"], *app["worker_pids"]]:
+    for pid in pids:
         with open(f"/proc/{pid}/stat", "rb") as fh:
             fields = fh.read().rsplit(b")", 1)[1].split()
         total += sum(int(f) for f in fields[11:15])     # utime stime cutime cstime
     return total / CLOCK_TICKS
 
 
-Sample = tuple[float, float, float, int, float]    # req/s, p50, p99, errors, pool CPU s
+def stack_pids(runtime: Path) -> tuple[list[int], list[int]]:
+    """(app0's pool: main process and workers, nginx: master and workers) of a run."""
+    state = read_state(runtime)
+    app, nginx = state["apps"]["app0"], state["nginx"]["pid"]
+    return [app["pid"], *app["worker_pids"]], [nginx, *children_of(nginx)]
 
 
-def measure_load(duration: int, connections: int, warmup: int
-                 ) -> dict[str, tuple[float, float, float, int, float | None]]:
+def wrk_round(url: str, connections: int, runtime: Path | None) -> Sample:
+    """One 1 s wrk round; for a hostsvc run also the CPU seconds of its pool, of its
+    nginx and of wrk itself (this process's reaped children: wrk is the only one)."""
+    pids = stack_pids(runtime) if runtime else ([], [])
+    before = [cpu_seconds(p) for p in pids]
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    rps, p50, p99, errors = parse_wrk(run_wrk(url, 1, connections))
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    pool, nginx = (cpu_seconds(p) - b for p, b in zip(pids, before))
+    wrk = after.ru_utime + after.ru_stime - children.ru_utime - children.ru_stime
+    return rps, p50, p99, errors, pool, nginx, wrk
+
+
+# req/s, p50, p99, errors, CPU seconds of the round: pool, nginx, wrk
+Sample = tuple[float, float, float, int, float, float, float]
+# per row: median req/s, p50, p99, errors; hostsvc rows: CPU us per request of the pool
+# and of the whole stack (pool + nginx + wrk)
+Row = tuple[float, float, float, int, "float | None", "float | None"]
+
+
+def measure_load(duration: int, connections: int, warmup: int) -> dict[str, Row]:
     """Rows A-F loaded in interleaved 1 s rounds (see bench/web.py for why); B, C, E
-    and F on METRICS_INSTANCES stacks each. Per row: median req/s, p50 and p99 of the
-    rounds, errors, and (hostsvc rows) the pool's CPU microseconds per request."""
+    and F on METRICS_INSTANCES stacks each."""
     probe = Case("a", "raw WSGI hello", "raw", "/", apps.HELLO)
     targets: list[tuple[str, str, Path | None]] = []     # (row, url, runtime dir)
     with contextlib.ExitStack() as stack:
@@ -171,16 +194,16 @@ def measure_load(duration: int, connections: int, warmup: int
         for round_no in range(duration):
             shift = round_no % len(targets)
             for key, url, runtime in targets[shift:] + targets[:shift]:
-                cpu = pool_cpu_seconds(runtime) if runtime else 0.0
-                rps, p50, p99, errors = parse_wrk(run_wrk(url, 1, connections))
-                cpu = pool_cpu_seconds(runtime) - cpu if runtime else 0.0
-                samples[key].append((rps, p50, p99, errors, cpu))
+                samples[key].append(wrk_round(url, connections, runtime))
     rows = {}
     for key, v in samples.items():
         served = sum(s[0] for s in v)          # rounds of 1 s: req/s = requests
-        cpu_us = sum(s[4] for s in v) / served * 1e6 if key not in "AD" and served else None
+        pool = whole = None
+        if key not in "AD" and served:
+            pool = sum(s[4] for s in v) / served * 1e6
+            whole = sum(s[4] + s[5] + s[6] for s in v) / served * 1e6
         rows[key] = (median(s[0] for s in v), median(s[1] for s in v),
-                     median(s[2] for s in v), sum(s[3] for s in v), cpu_us)
+                     median(s[2] for s in v), sum(s[3] for s in v), pool, whole)
     return rows
 
 
@@ -206,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrk -t1 -c{args.connections}: {duration} interleaved round(s) of 1 s per row, "
           f"median of rounds; rows B, C, E, F on {METRICS_INSTANCES} stacks each\n")
     rows = measure_load(duration, args.connections, warmup)
-    for key, (rps, p50, p99, errors, _) in rows.items():
+    for key, (rps, p50, p99, errors, _, _) in rows.items():
         print(f"{key}  {LABELS[key]:<54} {rps:>10.1f} req/s  p50 {p50:>7.2f} ms  "
               f"p99 {p99:>8.2f} ms  errors {errors}")
     def ratio(num: str, den: str) -> float:
@@ -230,6 +253,11 @@ def main(argv: list[str] | None = None) -> int:
         cpu_on, cpu_off = rows[on][4], rows[off][4]
         print(f"pool CPU per request, {engine:<8} metrics on {cpu_on:6.1f} us  off "
               f"{cpu_off:6.1f} us  metrics {cpu_on - cpu_off:+5.1f} us")
+    for on, off, engine in (("B", "C", "gunicorn"), ("E", "F", "granian")):
+        cpu_on, cpu_off = rows[on][5], rows[off][5]
+        # With every core busy, throughput is cores / CPU per request.
+        print(f"stack CPU per request, {engine:<8} (pool+nginx+wrk) on {cpu_on:6.1f} us  off "
+              f"{cpu_off:6.1f} us  metrics cost by CPU {(1 - cpu_off / cpu_on) * 100:5.1f} %")
 
     with hostsvc(STARTUP_APPS) as (_, runtime, ready):
         state = read_state(runtime)

@@ -67,6 +67,9 @@ def test_quick_fullstack_benchmark_prints_rows_ratios_startup_and_memory() -> No
     for engine in ("gunicorn", "granian"):
         assert re.search(rf"^pool CPU per request, {engine} +metrics on +[\d.]+ us  off +"
                          rf"[\d.]+ us  metrics +[+-][\d.]+ us$", out, re.M), out
+        assert re.search(rf"^stack CPU per request, {engine} +\(pool\+nginx\+wrk\) on +"
+                         rf"[\d.]+ us  off +[\d.]+ us  metrics cost by CPU +-?[\d.]+ %$",
+                         out, re.M), out
     assert re.search(r"^startup .* 10 apps .*\d+\.\d+ s .*(PASS|MISS)$", out, re.M), out
     for what in ("supervisor", "idle gunicorn pool", "idle granian pool", "nginx master"):
         assert re.search(rf"^memory +{what}.*RSS +[\d.]+ MiB +PSS +[\d.]+ MiB$", out, re.M), out
