@@ -50,7 +50,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 
 import apps  # noqa: E402
-from hostsvc.procs import children_of  # noqa: E402
+from hostsvc.procs import children_of, proc_usage  # noqa: E402
 from web import (Case, free_port, parse_wrk, run_wrk, serving, stop_group,  # noqa: E402
                  wait_ready)
 
@@ -59,7 +59,6 @@ TARGET_METRICS_COST = 0.05
 TARGET_STARTUP_S = 3.0
 STARTUP_APPS = 10
 METRICS_INSTANCES = 2
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def write_config(directory: Path, port: int, n_apps: int, metrics: bool,
@@ -139,12 +138,7 @@ def pool_memory(app_state: dict) -> tuple[int, int, int]:
 
 def cpu_seconds(pids: list[int]) -> float:
     """CPU seconds the processes used so far, with the children they reaped."""
-    total = 0
-    for pid in pids:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            fields = fh.read().rsplit(b")", 1)[1].split()
-        total += sum(int(f) for f in fields[11:15])     # utime stime cutime cstime
-    return total / CLOCK_TICKS
+    return sum((proc_usage(pid, with_children=True) or (0, 0.0))[1] for pid in pids)
 
 
 def stack_pids(runtime: Path) -> tuple[list[int], list[int]]:
@@ -253,7 +247,6 @@ def main(argv: list[str] | None = None) -> int:
         cpu_on, cpu_off = rows[on][4], rows[off][4]
         print(f"pool CPU per request, {engine:<8} metrics on {cpu_on:6.1f} us  off "
               f"{cpu_off:6.1f} us  metrics {cpu_on - cpu_off:+5.1f} us")
-    for on, off, engine in (("B", "C", "gunicorn"), ("E", "F", "granian")):
         cpu_on, cpu_off = rows[on][5], rows[off][5]
         # With every core busy, throughput is cores / CPU per request.
         print(f"stack CPU per request, {engine:<8} (pool+nginx+wrk) on {cpu_on:6.1f} us  off "

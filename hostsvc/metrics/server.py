@@ -31,6 +31,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Iterator
 
 from .. import __version__
+from ..procs import proc_usage
 from .multiproc import archive_dead_processes, locked, multiproc_dir
 from .spec import SPEC, mp_metrics
 from .wsgi import KNOWN_METHODS
@@ -46,29 +47,6 @@ ANSWER = {"502": 503, "503": 503, "504": 504}
 STUB_STATUS_RE = re.compile(
     r"Active connections:\s*(\d+).*?\n\s*(\d+)\s+(\d+)\s+(\d+)\s*\n"
     r"Reading:\s*(\d+)\s+Writing:\s*(\d+)\s+Waiting:\s*(\d+)", re.S)
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
-
-
-def _proc_usage(pid: int, with_children: bool) -> tuple[int, float] | None:
-    """(RSS bytes, CPU seconds) of `pid` from /proc/PID/stat; None if it is gone.
-
-    `with_children` adds the CPU of reaped children (cutime/cstime): for an arbiter that
-    is its exited workers, which keeps the pool's CPU counter from dropping on restarts.
-    """
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            stat = fh.read()
-    except OSError:
-        return None
-    # After the command name (which may hold spaces and parens): field 3 onwards.
-    fields = stat[stat.rfind(b")") + 2:].split()
-    ticks = int(fields[11]) + int(fields[12])                   # utime, stime
-    if with_children:
-        ticks += int(fields[13]) + int(fields[14])              # cutime, cstime
-    return int(fields[21]) * PAGE_SIZE, ticks / CLOCK_TICKS     # rss (pages)
-
-
 def fetch_stub_status(url: str, timeout: float = 1.0) -> dict[str, int] | None:
     """nginx stub_status numbers, or None when nginx does not answer."""
     try:
@@ -145,7 +123,7 @@ class SupervisorCollector:
             total_rss, total_cpu = 0, 0.0
             pids = [(app["pid"], True)] if app.get("pid") else []
             for pid, arbiter in pids + [(p, False) for p in app.get("worker_pids") or []]:
-                usage = _proc_usage(pid, with_children=arbiter)
+                usage = proc_usage(pid, with_children=arbiter)
                 if usage:
                     total_rss += usage[0]
                     total_cpu += usage[1]
