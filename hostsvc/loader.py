@@ -76,6 +76,9 @@ class PrefixMiddleware:
     def __init__(self, app: Callable[..., Any], prefix: str) -> None:
         self.app = app
         self.prefix = "" if prefix == "/" else prefix
+        # Where an app that says so leaves its status line (web.Application's
+        # status_environ_key); this middleware's own 404 leaves it there too.
+        self.status_environ_key: str | None = getattr(app, "status_environ_key", None)
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
         prefix = self.prefix
@@ -85,6 +88,8 @@ class PrefixMiddleware:
                 environ["SCRIPT_NAME"] = prefix
                 environ["PATH_INFO"] = path[len(prefix):]
             elif not environ.get("SCRIPT_NAME"):
+                if self.status_environ_key:
+                    environ[self.status_environ_key] = "404 Not Found"
                 start_response("404 Not Found", [("Content-Type", "text/plain")])
                 return [b"Not Found\n"]
         return self.app(environ, start_response)

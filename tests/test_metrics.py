@@ -381,6 +381,25 @@ def _app(environ: dict[str, Any], start_response: Any) -> Any:
     return [b"x" * size]
 
 
+def _server_start_response(status: Any, headers: Any, exc_info: Any = None) -> None:
+    """The server's start_response in _drive's requests."""
+
+
+class _KeyedApp:
+    """_app as an app that leaves its status line in the environ itself, as
+    hostsvc.web's Application does: the middleware must not wrap start_response."""
+
+    status_environ_key = "test.status"
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
+        assert start_response is _server_start_response, "start_response was wrapped"
+
+        def keeping(status: Any, headers: Any, exc_info: Any = None) -> None:
+            environ[self.status_environ_key] = status
+            start_response(status, headers, exc_info)
+        return _app(environ, keeping)
+
+
 def _drive(app: Any, requests: list[tuple[str, str, str]],
            start: str | None = "t=1000.000") -> None:
     """Send (method, path, query) requests as a server does: body iterated, closed."""
@@ -392,7 +411,7 @@ def _drive(app: Any, requests: list[tuple[str, str, str]],
         if start is not None:
             environ["HTTP_X_REQUEST_START"] = start
         try:
-            body = app(environ, lambda status, headers, exc_info=None: None)
+            body = app(environ, _server_start_response)
         except RuntimeError:
             continue
         for _ in body:
@@ -452,13 +471,16 @@ REQUESTS = [("GET", "/200", "13"), ("GET", "/404", "0"), ("POST", "/201", "5000"
             ("PURGE", "/200", "7"), ("GET", "/stream", ""), ("DELETE", "/raise", "")] * 3
 
 
-def test_batches_write_what_observe_would(tmp_path: Path, monkeypatch: Any) -> None:
+@pytest.mark.parametrize("inner", [_app, _KeyedApp()], ids=["wrapped", "status-key"])
+def test_batches_write_what_observe_would(tmp_path: Path, monkeypatch: Any, inner: Any
+                                          ) -> None:
     """The same requests, summed per batch and written once per series, must leave the
-    files exactly as one observe() per request through the public API does."""
-    _in_child(lambda: _compare_batched_and_observed(tmp_path, monkeypatch), tmp_path)
+    files exactly as one observe() per request through the public API does: with the
+    status line caught by the middleware's start_response, or left by the app."""
+    _in_child(lambda: _compare_batched_and_observed(tmp_path, monkeypatch, inner), tmp_path)
 
 
-def _compare_batched_and_observed(mp: Path, monkeypatch: Any) -> None:
+def _compare_batched_and_observed(mp: Path, monkeypatch: Any, inner: Any) -> None:
     from hostsvc.metrics import spec, wsgi
 
     monkeypatch.setattr(wsgi, "FLUSH_INTERVAL", 3600.0)    # no flusher thread writes
@@ -466,7 +488,7 @@ def _compare_batched_and_observed(mp: Path, monkeypatch: Any) -> None:
     monkeypatch.setattr(wsgi._Recorder, "flush", lambda *a, **kw: None)   # nor a request
     clock = iter(range(1, 10**9))
     monkeypatch.setattr(time, "perf_counter", lambda: next(clock) / 256)   # exact sums
-    app = instrument("batched", _app)
+    app = instrument("batched", inner)
     _drive(app, REQUESTS)
     _drive(app, [("GET", "/200", "99"), ("PATCH", "/503", "1")], start="bogus")
     _drive(app, [("PUT", "/200", "1"), ("GET", "/200", "2")], start=None)
@@ -687,6 +709,50 @@ def _bad_status(mp: Path) -> None:
     assert written[("hostsvc_http_requests_total",
                     '{"code": "500", "code_class": "5xx", "method": "GET"}')] == 1
     assert written[("hostsvc_http_requests_in_flight", "{}")] == 0
+
+
+def test_a_mounted_web_app_leaves_its_status_line_to_the_middleware(tmp_path: Path
+                                                                   ) -> None:
+    """hostsvc.web's Application and the mount around it (its 404 for a path outside
+    the prefix) leave the status line in the environ, so the middleware passes the
+    server's start_response on unwrapped and still counts every code."""
+    _in_child(lambda: _web_app_statuses(tmp_path), tmp_path)
+
+
+def _web_app_statuses(mp: Path) -> None:
+    import io
+
+    from hostsvc import web
+    from hostsvc.loader import PrefixMiddleware
+    from hostsvc.metrics import wsgi
+
+    class Root:
+        @web.expose
+        def index(self) -> str:
+            return "hi"
+
+        @web.expose
+        def stream(self) -> Iterator[bytes]:
+            yield b"12345"
+
+        @web.expose
+        def gone(self) -> str:
+            raise web.HTTPError(410)
+
+    mounted = PrefixMiddleware(web.Application(Root(), "/blog"), "/blog")
+    app = instrument("web", mounted)
+    for path in ("/blog/", "/blog/stream", "/blog/gone", "/blog/missing", "/elsewhere"):
+        environ = {"REQUEST_METHOD": "GET", "PATH_INFO": path, "wsgi.input": io.BytesIO()}
+        body = app(environ, _server_start_response)
+        assert b"".join(body)
+        getattr(body, "close", lambda: None)()
+        assert wsgi.STATUS_KEY not in environ, "start_response was wrapped"
+    statuses = [record[1] for record in _recorder(app).pending]   # the first is written
+    assert statuses == ["200 OK", "410 Gone", "404 Not Found", "404 Not Found"]
+    flush_requests()
+    codes = {json.loads(labels)["code"]: v for (name, labels), v in
+             _file_values(mp, os.getpid(), "web").items() if name == "hostsvc_http_requests_total"}
+    assert codes == {"200": 2, "410": 1, "404": 2}
 
 
 def test_a_signal_handler_cannot_cut_a_batch_short(tmp_path: Path) -> None:

@@ -29,6 +29,11 @@ _CACHE_LIMIT = 2048
 class Application:
     """A WSGI callable serving an object tree: `Application(Root(), "/blog", config)`."""
 
+    # Each response's status line is also left in the environ under this key, so a
+    # middleware that wants it (hostsvc's request metrics) need not wrap start_response,
+    # which costs a function per request.
+    status_environ_key = "hostsvc.status"
+
     def __init__(self, root: Any, script_name: str = "", config: dict[str, Any] | None = None
                  ) -> None:
         from .builtins import tools
@@ -120,6 +125,7 @@ class Application:
         if environ.get("CONTENT_LENGTH"):
             _drain_body(req)
         status, headers, body = self._finalize(req, resp, environ)
+        environ[self.status_environ_key] = status
         start_response(status, headers)
         if type(body) is not list or req.hooks.has("on_end_request"):
             # A list is whole and has no close(): nothing is left to do once it is sent.
