@@ -13,6 +13,8 @@ import sys
 import traceback
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
+from .statusline import status_environ_key
+
 if TYPE_CHECKING:
     from .config import AppConfig
 
@@ -73,12 +75,14 @@ class PrefixMiddleware:
     through its socket (tests, probes), and a path outside the prefix is a clean 404.
     """
 
+    # Where the app leaves its status line, if it does (hostsvc.statusline); this
+    # middleware's own 404 leaves it there too.
+    status_environ_key: str | None = None
+
     def __init__(self, app: Callable[..., Any], prefix: str) -> None:
         self.app = app
         self.prefix = "" if prefix == "/" else prefix
-        # Where an app that says so leaves its status line (web.Application's
-        # status_environ_key); this middleware's own 404 leaves it there too.
-        self.status_environ_key: str | None = getattr(app, "status_environ_key", None)
+        self.status_environ_key = status_environ_key(app)
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
         prefix = self.prefix

@@ -755,6 +755,68 @@ def _web_app_statuses(mp: Path) -> None:
     assert codes == {"200": 2, "410": 1, "404": 2}
 
 
+def test_an_app_that_only_inherits_the_status_key_gets_its_start_response_wrapped(
+        tmp_path: Path) -> None:
+    """The status_environ_key attribute is believed only from the class whose __call__
+    serves: a subclass overriding __call__ or a wrapper forwarding attributes would
+    otherwise be counted under a missing (500) or stale status."""
+    _in_child(lambda: _inherited_status_keys(tmp_path), tmp_path)
+
+
+def _inherited_status_keys(mp: Path) -> None:
+    import io
+
+    from hostsvc import web
+    from hostsvc.loader import PrefixMiddleware
+    from hostsvc.statusline import status_environ_key
+
+    class Root:
+        @web.expose
+        def index(self) -> str:
+            return "hi"
+
+    class Health(web.Application):            # answers a path itself
+        def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
+            if environ["PATH_INFO"] == "/healthz":
+                start_response("200 OK", [])
+                return [b"ok"]
+            return super().__call__(environ, start_response)
+
+    class Gone(web.Application):              # rewrites the status it passes on
+        def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
+            def rewrite(status: str, headers: Any, exc_info: Any = None) -> Any:
+                return start_response("410 Gone" if status.startswith("404") else status,
+                                      headers, exc_info)
+            return super().__call__(environ, rewrite)
+
+    class Copying:                            # forwards attributes, copies the environ
+        def __init__(self, app: Any) -> None:
+            self.app = app
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.app, name)
+
+        def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
+            return self.app(dict(environ), start_response)
+
+    class Plain(web.Application):             # the stock __call__: still believed
+        pass
+
+    cases = [(Health(Root()), "/healthz", "200 OK", None),
+             (Gone(Root()), "/missing", "410 Gone", None),
+             (Copying(web.Application(Root())), "/", "200 OK", None),
+             (Plain(Root()), "/", "200 OK", "hostsvc.status")]
+    for i, (inner, path, expected, key) in enumerate(cases):
+        assert status_environ_key(inner) == key
+        mounted = PrefixMiddleware(inner, "/")
+        assert mounted.status_environ_key == key
+        app = instrument(f"inherited{i}", mounted)
+        for _ in range(2):              # the first request of a recorder is written at once
+            environ = {"REQUEST_METHOD": "GET", "PATH_INFO": path, "wsgi.input": io.BytesIO()}
+            b"".join(app(environ, _server_start_response))
+        assert [record[1] for record in _recorder(app).pending] == [expected]
+
+
 def test_a_signal_handler_cannot_cut_a_batch_short(tmp_path: Path) -> None:
     """gunicorn ends a worker with sys.exit() from signal handlers in the main thread;
     one arriving while the request path writes a batch runs after the batch."""

@@ -40,6 +40,7 @@ from bisect import bisect_left, bisect_right
 from collections import deque
 from typing import Any, Callable, Iterable, Iterator
 
+from ..statusline import status_environ_key
 from .spec import mp_metrics
 
 log = logging.getLogger("hostsvc.metrics")
@@ -391,15 +392,14 @@ def instrument(app_name: str, wsgi_app: WSGIApp) -> WSGIApp:
     An exception from the app is recorded as a 500 (what the server will answer) and
     re-raised.
 
-    The status line is read from the environ, under the app's `status_environ_key`
-    if it has one (an app that leaves its status line there before calling
-    start_response, as hostsvc.web's Application does); any other app's
-    start_response is wrapped to put it there.
+    The status line is read from the environ: where the app leaves it, if it does
+    (hostsvc.statusline: hostsvc.web's Application and hostsvc's mount around one);
+    any other app's start_response is wrapped to put it there.
     """
     recorder = _Recorder(app_name)
     push = recorder.push
     clock = time.perf_counter
-    status_key = getattr(wsgi_app, "status_environ_key", None)
+    status_key = status_environ_key(wsgi_app)
     wrap = not status_key
     if wrap:
         status_key = STATUS_KEY

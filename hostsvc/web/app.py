@@ -31,7 +31,8 @@ class Application:
 
     # Each response's status line is also left in the environ under this key, so a
     # middleware that wants it (hostsvc's request metrics) need not wrap start_response,
-    # which costs a function per request.
+    # which costs a function per request. A promise about __call__ below: a subclass
+    # that overrides __call__ must declare it again to be believed (hostsvc.statusline).
     status_environ_key = "hostsvc.status"
 
     def __init__(self, root: Any, script_name: str = "", config: dict[str, Any] | None = None
