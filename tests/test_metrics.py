@@ -711,6 +711,27 @@ def _bad_status(mp: Path) -> None:
     assert written[("hostsvc_http_requests_in_flight", "{}")] == 0
 
 
+def test_a_generator_app_is_counted_under_the_status_it_sends_when_iterated(
+        tmp_path: Path) -> None:
+    """A generator app calls start_response only when the server first iterates its
+    body, after the middleware has returned: the status is read at close()."""
+    _in_child(lambda: _lazy_status(tmp_path), tmp_path)
+
+
+def _lazy_status(mp: Path) -> None:
+    def lazy(environ: dict[str, Any], start_response: Any) -> Any:
+        start_response(f"{environ['PATH_INFO'][1:]} Lazy", [])
+        yield b"abc"
+        yield b"de"
+    app = instrument("lazy", lazy)
+    _drive(app, [("GET", "/201", ""), ("GET", "/202", ""), ("POST", "/409", "")])
+    records = _recorder(app).pending              # the first is written at once
+    assert [(r[0], r[1], r[5]) for r in records] == [("GET", "202 Lazy", 5),
+                                                     ("POST", "409 Lazy", 5)]
+    flush_requests()
+    assert _requests_written(mp, os.getpid(), "lazy") == 3
+
+
 def test_a_mounted_web_app_leaves_its_status_line_to_the_middleware(tmp_path: Path
                                                                    ) -> None:
     """hostsvc.web's Application and the mount around it (its 404 for a path outside
