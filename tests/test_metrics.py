@@ -401,10 +401,12 @@ class _KeyedApp:
 
 
 def _drive(app: Any, requests: list[tuple[str, str, str]],
-           start: str | None = "t=1000.000") -> None:
-    """Send (method, path, query) requests as a server does: body iterated, closed."""
+           start: str | None = "t=1000.000") -> list[tuple[dict[str, Any], bytes]]:
+    """Send (method, path, query) requests as a server does: body iterated, closed.
+    Returns each answered request's environ and body."""
     import io
 
+    sent = []
     for method, path, query in requests:
         environ = {"REQUEST_METHOD": method, "PATH_INFO": path, "QUERY_STRING": query,
                    "wsgi.input": io.BytesIO(b"")}
@@ -414,9 +416,28 @@ def _drive(app: Any, requests: list[tuple[str, str, str]],
             body = app(environ, _server_start_response)
         except RuntimeError:
             continue
-        for _ in body:
-            pass
+        sent.append((environ, b"".join(body)))
         getattr(body, "close", lambda: None)()
+    return sent
+
+
+def _web_tree() -> Any:
+    """A hostsvc.web object tree: / (200), /stream (a streamed 200), /gone (410)."""
+    from hostsvc import web
+
+    class Root:
+        @web.expose
+        def index(self) -> str:
+            return "hi"
+
+        @web.expose
+        def stream(self) -> Iterator[bytes]:
+            yield b"12345"
+
+        @web.expose
+        def gone(self) -> str:
+            raise web.HTTPError(410)
+    return Root()
 
 
 def _file_values(mp: Path, pid: int, app: str) -> dict[tuple[str, str], float]:
@@ -741,32 +762,17 @@ def test_a_mounted_web_app_leaves_its_status_line_to_the_middleware(tmp_path: Pa
 
 
 def _web_app_statuses(mp: Path) -> None:
-    import io
-
     from hostsvc import web
     from hostsvc.loader import PrefixMiddleware
     from hostsvc.metrics import wsgi
 
-    class Root:
-        @web.expose
-        def index(self) -> str:
-            return "hi"
-
-        @web.expose
-        def stream(self) -> Iterator[bytes]:
-            yield b"12345"
-
-        @web.expose
-        def gone(self) -> str:
-            raise web.HTTPError(410)
-
-    mounted = PrefixMiddleware(web.Application(Root(), "/blog"), "/blog")
+    mounted = PrefixMiddleware(web.Application(_web_tree(), "/blog"), "/blog")
     app = instrument("web", mounted)
-    for path in ("/blog/", "/blog/stream", "/blog/gone", "/blog/missing", "/elsewhere"):
-        environ = {"REQUEST_METHOD": "GET", "PATH_INFO": path, "wsgi.input": io.BytesIO()}
-        body = app(environ, _server_start_response)
-        assert b"".join(body)
-        getattr(body, "close", lambda: None)()
+    paths = ("/blog/", "/blog/stream", "/blog/gone", "/blog/missing", "/elsewhere")
+    sent = _drive(app, [("GET", path, "") for path in paths])
+    assert len(sent) == len(paths)
+    for environ, body in sent:
+        assert body
         assert wsgi.STATUS_KEY not in environ, "start_response was wrapped"
     statuses = [record[1] for record in _recorder(app).pending]   # the first is written
     assert statuses == ["200 OK", "410 Gone", "404 Not Found", "404 Not Found"]
@@ -785,16 +791,9 @@ def test_an_app_that_only_inherits_the_status_key_gets_its_start_response_wrappe
 
 
 def _inherited_status_keys(mp: Path) -> None:
-    import io
-
     from hostsvc import web
     from hostsvc.loader import PrefixMiddleware
     from hostsvc.statusline import status_environ_key
-
-    class Root:
-        @web.expose
-        def index(self) -> str:
-            return "hi"
 
     class Health(web.Application):            # answers a path itself
         def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
@@ -823,18 +822,17 @@ def _inherited_status_keys(mp: Path) -> None:
     class Plain(web.Application):             # the stock __call__: still believed
         pass
 
-    cases = [(Health(Root()), "/healthz", "200 OK", None),
-             (Gone(Root()), "/missing", "410 Gone", None),
-             (Copying(web.Application(Root())), "/", "200 OK", None),
-             (Plain(Root()), "/", "200 OK", "hostsvc.status")]
+    cases = [(Health(_web_tree()), "/healthz", "200 OK", None),
+             (Gone(_web_tree()), "/missing", "410 Gone", None),
+             (Copying(web.Application(_web_tree())), "/", "200 OK", None),
+             (Plain(_web_tree()), "/", "200 OK", "hostsvc.status")]
     for i, (inner, path, expected, key) in enumerate(cases):
         assert status_environ_key(inner) == key
         mounted = PrefixMiddleware(inner, "/")
         assert mounted.status_environ_key == key
         app = instrument(f"inherited{i}", mounted)
-        for _ in range(2):              # the first request of a recorder is written at once
-            environ = {"REQUEST_METHOD": "GET", "PATH_INFO": path, "wsgi.input": io.BytesIO()}
-            b"".join(app(environ, _server_start_response))
+        # (twice: the first request of a recorder is written at once)
+        assert len(_drive(app, [("GET", path, "")] * 2)) == 2
         assert [record[1] for record in _recorder(app).pending] == [expected]
 
 
