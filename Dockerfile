@@ -5,9 +5,18 @@ ARG PYTHON_IMAGE=python:3.11-slim
 
 # -- builder: wheels for the pinned dependencies and hostsvc itself, installed into a venv ---------
 FROM ${PYTHON_IMAGE} AS builder
+ARG DEBIAN_FRONTEND=noninteractive
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1
+# hostsvc has one C module (the request metrics' hot path): a compiler, and Python's headers
+# where the base image lacks them (python:3.11-slim has them; a Debian python3 needs -dev).
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends gcc libc6-dev \
+ && { [ -f "$(python -c 'import sysconfig; print(sysconfig.get_path("include"))')/Python.h" ] \
+      || apt-get install -y --no-install-recommends python3-dev; } \
+ && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY requirements.lock ./
 RUN python -m pip wheel --no-deps --wheel-dir /wheels -r requirements.lock

@@ -483,105 +483,140 @@ def _in_child(test: Any, mp: Path) -> int:
     return pid
 
 
-def _recorder(middleware: Any) -> Any:
-    return middleware.__closure__[middleware.__code__.co_freevars.index("recorder")] \
-        .cell_contents
-
-
 REQUESTS = [("GET", "/200", "13"), ("GET", "/404", "0"), ("POST", "/201", "5000"),
-            ("PURGE", "/200", "7"), ("GET", "/stream", ""), ("DELETE", "/raise", "")] * 3
+            ("PURGE", "/200", "7"), ("GET", "/stream", ""), ("DELETE", "/raise", ""),
+            ("PUT", "/abc", "1"), ("PATCH", "/099", "2")] * 3
+# Durations the test clock gives REQUESTS' requests, in turn: exact in binary, one in
+# each of several buckets (1 ms, 5 ms, 50 ms, 1 s, 30 s, +Inf).
+DURATIONS = (1 / 2048, 3 / 1024, 1 / 32, 3 / 4, 12.0, 64.0)
+WALL = 1010.25          # the test's wall clock, for queue times
+# X-Request-Start headers and the queue time each gives at WALL (None: not observed).
+QUEUE_CASES = [("t=1000.000", 10.25),            # above the last bound: +Inf
+               ("t=1009.25", 1.0), ("t=1010.000", 0.25),   # on a bound: that bucket
+               ("t=1006.5", 3.75),
+               ("t=1010.5", 0.0),                # nginx's clock behind by < 1 s: 0
+               ("t=1733079000123", None),        # from the future, or in ms: dropped
+               ("t=-90000", None),               # a day or more: dropped
+               ("bogus", None), ("t=", None), (None, None)]
+
+
+def _expected_code(path: str) -> str:
+    """What _app answers `path` with, as the metrics must count it: a status line
+    that does not start with a code of 100-999 is what the server answers, a 500."""
+    if path == "/stream":
+        return "200"
+    code = path[1:4]
+    return code if code.isdigit() and int(code) >= 100 else "500"
+
+
+def _expected_size(path: str, query: str) -> int:
+    return 15 if path == "/stream" else 0 if path == "/raise" else int(query)
 
 
 @pytest.mark.parametrize("inner", [_app, _KeyedApp()], ids=["wrapped", "status-key"])
-def test_batches_write_what_observe_would(tmp_path: Path, monkeypatch: Any, inner: Any
-                                          ) -> None:
-    """The same requests, summed per batch and written once per series, must leave the
-    files exactly as one observe() per request through the public API does: with the
-    status line caught by the middleware's start_response, or left by the app."""
-    _in_child(lambda: _compare_batched_and_observed(tmp_path, monkeypatch, inner), tmp_path)
+def test_the_tally_writes_what_observe_would(tmp_path: Path, inner: Any) -> None:
+    """The same requests, counted by the C tally and written once per series, must
+    leave the files exactly as one observe() per request through the public API does:
+    with the status line caught by the middleware's start_response, or left by the
+    app."""
+    _in_child(lambda: _compare_tally_and_observed(tmp_path, inner), tmp_path)
 
 
-def _compare_batched_and_observed(mp: Path, monkeypatch: Any, inner: Any) -> None:
+def _compare_tally_and_observed(mp: Path, inner: Any) -> None:
     from hostsvc.metrics import spec, wsgi
 
-    monkeypatch.setattr(wsgi, "FLUSH_INTERVAL", 3600.0)    # no flusher thread writes
-    flush = wsgi._Recorder.flush
-    monkeypatch.setattr(wsgi._Recorder, "flush", lambda *a, **kw: None)   # nor a request
-    clock = iter(range(1, 10**9))
-    monkeypatch.setattr(time, "perf_counter", lambda: next(clock) / 256)   # exact sums
-    app = instrument("batched", inner)
-    _drive(app, REQUESTS)
-    _drive(app, [("GET", "/200", "99"), ("PATCH", "/503", "1")], start="bogus")
-    _drive(app, [("PUT", "/200", "1"), ("GET", "/200", "2")], start=None)
-    # Queue times below 0: nginx's clock behind by up to 1 s (observed as 0), or a
-    # header from the future or in ms (dropped); above a day: dropped.
-    _drive(app, [("GET", "/200", "3")] * 2, start="t=1006.5")
-    _drive(app, [("GET", "/200", "4")], start="t=1010.000")
-    _drive(app, [("GET", "/200", "5")], start="t=1733079000123")
-    _drive(app, [("GET", "/200", "6")], start="t=-90000")
-    records = list(_recorder(app).pending)
-    assert len(records) == len(REQUESTS) + 9         # the /raise ones too, as 500s
-    monkeypatch.setattr(wsgi._Recorder, "flush", flush)
-    monkeypatch.setattr(time, "perf_counter", lambda: 4.0)
-    monkeypatch.setattr(time, "time", lambda: 1010.25)     # queue times 6.25 s + k/256
+    wsgi.FLUSH_INTERVAL = 3600.0             # no flusher thread writes (a child process)
+    sent = [(method, path, query, header) for header, _ in QUEUE_CASES
+            for method, path, query in REQUESTS]
+    durations = [DURATIONS[i % len(DURATIONS)] for i in range(len(sent))]
+    # Each request reads the monotonic clock as it begins and as it ends, in turn.
+    readings = iter([t for i, d in enumerate(durations) for t in (100.0 * i, 100.0 * i + d)])
+    app = wsgi._Recorder("tallied", inner,
+                         clocks=(lambda: next(readings), lambda: WALL)).tally
+    for method, path, query, header in sent:
+        _drive(app, [(method, path, query)], start=header)
+    assert next(readings, None) is None, "a request read the clock more or less than twice"
     flush_requests()
-    assert not _recorder(app).pending
-    # The reference: each record through prometheus_client's public API, one by one.
+    # The reference: each request through prometheus_client's public API, one by one.
     m = spec.mp_metrics()
-    for method, status, started, ended, header, size in records:
+    queued = dict(QUEUE_CASES)
+    for (method, path, query, header), duration in zip(sent, durations):
         method = method if method in wsgi.KNOWN_METHODS else "other"
-        code = status[:3] if status else "500"
+        code = _expected_code(path)
         m["hostsvc_http_requests_total"].labels("reference", method, code,
                                                 code[0] + "xx").inc()
         m["hostsvc_http_request_duration_seconds"].labels("reference", method).observe(
-            ended - started)
-        m["hostsvc_http_response_size_bytes"].labels("reference").observe(size)
-        queued = started + 1006.25 - float(header[2:]) if header and \
-            header.startswith("t=") else None
-        if queued is not None and -1.0 <= queued < 86400.0:
+            duration)
+        m["hostsvc_http_response_size_bytes"].labels("reference").observe(
+            _expected_size(path, query))
+        if queued[header] is not None:
             m["hostsvc_http_request_queue_seconds"].labels("reference").observe(
-                max(queued, 0.0))
+                queued[header])
     m["hostsvc_http_requests_in_flight"].labels("reference")
-    written = _file_values(mp, os.getpid(), "batched")
+    written = _file_values(mp, os.getpid(), "tallied")
     assert written == _file_values(mp, os.getpid(), "reference")
+    # And a few values by hand, so the reference itself is checked.
+    per_header = len(REQUESTS)
     total = '{"code": "200", "code_class": "2xx", "method": "GET"}'
-    assert written[("hostsvc_http_requests_total", total)] == 3 + 3 + 1 + 1 + 5
+    assert written[("hostsvc_http_requests_total", total)] == 2 * 3 * len(QUEUE_CASES)
+    for labels in ('{"code": "500", "code_class": "5xx", "method": "DELETE"}',
+                   '{"code": "500", "code_class": "5xx", "method": "PUT"}',
+                   '{"code": "500", "code_class": "5xx", "method": "PATCH"}'):
+        assert written[("hostsvc_http_requests_total", labels)] == 3 * len(QUEUE_CASES)
     assert written[("hostsvc_http_requests_total",
-                    '{"code": "500", "code_class": "5xx", "method": "DELETE"}')] == 3
+                    '{"code": "200", "code_class": "2xx", "method": "other"}')] == \
+        3 * len(QUEUE_CASES)
     # (the files keep one value per bucket; a scrape cumulates them and adds _count)
-    assert sum(v for (name, _), v in written.items()
-               if name == "hostsvc_http_request_queue_seconds_bucket") == len(REQUESTS) + 2
-    assert written[("hostsvc_http_request_queue_seconds_bucket", '{"le": "0.0005"}')] == 2
+    queue_buckets = {json.loads(labels)["le"]: v for (name, labels), v in written.items()
+                     if name == "hostsvc_http_request_queue_seconds_bucket"}
+    assert queue_buckets["+Inf"] == per_header
+    assert queue_buckets["1.0"] == queue_buckets["0.25"] == queue_buckets["5.0"] == per_header
+    assert queue_buckets["0.0005"] == per_header
+    assert sum(queue_buckets.values()) == 5 * per_header
+    assert written[("hostsvc_http_request_duration_seconds_bucket",
+                    '{"le": "+Inf", "method": "GET"}')] > 0
     assert written[("hostsvc_http_requests_in_flight", "{}")] == 0
 
 
-def test_the_request_that_ends_a_batch_writes_it(tmp_path: Path, monkeypatch: Any
-                                                 ) -> None:
-    """Under load the request path writes without waiting for the flusher thread: the
-    request that draws a multiple of FLUSH_BATCH from the start counter, which each
-    flush draws from once too. A process's first request writes at once."""
-    _in_child(lambda: _batch_boundaries(tmp_path, monkeypatch), tmp_path)
+def test_the_tally_keeps_no_reference_to_a_request(tmp_path: Path) -> None:
+    """The C middleware holds what it counts in plain numbers: after each request, on
+    every path (a list body, a stream, an exception, a wrapped start_response), the
+    objects it was handed or given back have the references they had before."""
+    _in_child(_references_after_requests, tmp_path)
 
 
-def _batch_boundaries(mp: Path, monkeypatch: Any) -> None:
+def _references_after_requests() -> None:
+    import gc
+
     from hostsvc.metrics import wsgi
 
-    monkeypatch.setattr(wsgi, "FLUSH_INTERVAL", 3600.0)
-    app = instrument("batches", _app)
-    one = [("GET", "/200", "1")]
-    _drive(app, one)
-    assert _requests_written(mp, os.getpid(), "batches") == 1
-    _drive(app, one * (wsgi.FLUSH_BATCH - 2))
-    assert _requests_written(mp, os.getpid(), "batches") == 1
-    assert len(_recorder(app).pending) == wsgi.FLUSH_BATCH - 2
-    _drive(app, one)
-    assert _requests_written(mp, os.getpid(), "batches") == wsgi.FLUSH_BATCH
-    assert not _recorder(app).pending
-    streamed = [("GET", "/stream", "")]                   # closed by the server
-    _drive(app, streamed * (wsgi.FLUSH_BATCH - 2))
-    assert _requests_written(mp, os.getpid(), "batches") == wsgi.FLUSH_BATCH
-    _drive(app, streamed)
-    assert _requests_written(mp, os.getpid(), "batches") == 2 * wsgi.FLUSH_BATCH - 1
+    wsgi.FLUSH_INTERVAL = 3600.0
+    gc.collect()
+    for inner in (_app, _KeyedApp()):
+        app = instrument("references", inner)
+        _drive(app, REQUESTS)                           # warm: children bound, caches
+        for method, path, query in REQUESTS:
+            environ = {"REQUEST_METHOD": method, "PATH_INFO": path, "QUERY_STRING": query,
+                       "HTTP_X_REQUEST_START": "t=1000.000"}
+            values = list(environ.values())
+            before = [sys.getrefcount(v) for v in values]
+            environ_refs = sys.getrefcount(environ)
+            start_refs = sys.getrefcount(_server_start_response)
+            try:
+                body = app(environ, _server_start_response)
+            except RuntimeError:
+                body = None
+            if body is not None:
+                body_refs = sys.getrefcount(body)
+                chunks = list(body)
+                getattr(body, "close", lambda: None)()
+                assert sys.getrefcount(body) == body_refs, path
+                del body, chunks
+            gc.collect()
+            assert sys.getrefcount(environ) == environ_refs, path
+            assert sys.getrefcount(_server_start_response) == start_refs, path
+            assert [sys.getrefcount(v) for v in values] == before, path
+    flush_requests()
 
 
 def test_the_flusher_thread_writes_an_idle_workers_last_requests(tmp_path: Path,
@@ -592,18 +627,18 @@ def test_the_flusher_thread_writes_an_idle_workers_last_requests(tmp_path: Path,
 def _idle_tail(mp: Path, monkeypatch: Any) -> None:
     from hostsvc.metrics import wsgi
 
-    monkeypatch.setattr(wsgi, "FLUSH_INTERVAL", 1.0)   # 5 requests take far less
+    monkeypatch.setattr(wsgi, "FLUSH_INTERVAL", 2.0)   # 5 requests take far less
     app = instrument("idle", _app)
     _drive(app, [("GET", "/200", "1")] * 5)
-    assert _requests_written(mp, os.getpid(), "idle") == 1      # the first, at once
+    assert _requests_written(mp, os.getpid(), "idle") == 0     # requests never write
     wait_for(lambda: _requests_written(mp, os.getpid(), "idle") == 5,
-             timeout=8, what="the flusher thread")
+             timeout=10, what="the flusher thread")
 
 
 EXITING_WORKER = """
 import os, sys
 from hostsvc.metrics import instrument, wsgi
-wsgi.FLUSH_INTERVAL = 3600.0          # only the exit can write the queued requests
+wsgi.FLUSH_INTERVAL = 3600.0          # only the exit can write the counted requests
 
 def hello(environ, start_response):
     start_response("200 OK", [])
@@ -627,8 +662,8 @@ sys.exit(3)                               # as gunicorn's workers end: SystemExi
 
 
 @pytest.mark.parametrize("how", ["sys.exit", "multiprocessing"])
-def test_a_worker_exiting_through_python_writes_what_it_queued(tmp_path: Path, how: str
-                                                               ) -> None:
+def test_a_worker_exiting_through_python_writes_what_it_counted(tmp_path: Path, how: str
+                                                                ) -> None:
     env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=str(tmp_path), PYTHONPATH=str(ROOT))
     out = subprocess.run([sys.executable, "-c", EXITING_WORKER, how], env=env,
                          capture_output=True, text=True, timeout=60)
@@ -639,8 +674,8 @@ def test_a_worker_exiting_through_python_writes_what_it_queued(tmp_path: Path, h
 
 def test_child_forked_after_binding_writes_its_own_files(tmp_path: Path,
                                                         monkeypatch: Any) -> None:
-    """A child forked from a worker with requests queued writes only its own requests,
-    to its own files; the parent's queue stays the parent's to write."""
+    """A child forked from a worker with requests counted and not yet written writes
+    only its own requests, to its own files; the parent's stay the parent's to write."""
     _in_child(lambda: _fork_after_binding(tmp_path, monkeypatch), tmp_path)
 
 
@@ -649,16 +684,17 @@ def _fork_after_binding(mp: Path, monkeypatch: Any) -> None:
 
     monkeypatch.setattr(wsgi, "FLUSH_INTERVAL", 3600.0)
     app = instrument("forked", _app)
-    _drive(app, REQUESTS[:3])                # the first is written, two are queued
+    _drive(app, REQUESTS[:3])                # counted, not written
     parent = _file_values(mp, os.getpid(), "forked")
+    assert _requests_written(mp, os.getpid(), "forked") == 0
 
     def child() -> None:
-        assert not _recorder(app).pending
         _drive(app, REQUESTS)
         flush_requests()
     pid = _in_child(child, mp)
     assert _file_values(mp, os.getpid(), "forked") == parent
-    assert _requests_written(mp, pid, "forked") == len(REQUESTS)
+    assert _requests_written(mp, pid, "forked") == len(REQUESTS)     # /raise as 500s
+    assert _file_values(mp, pid, "forked")[("hostsvc_http_requests_in_flight", "{}")] == 0
     flush_requests()
     assert _requests_written(mp, os.getpid(), "forked") == 3
 
@@ -680,13 +716,9 @@ def _fork_during_flush(mp: Path, monkeypatch: Any) -> None:
         writing.set()
         release.wait(10)
         write(self, *args)
-    monkeypatch.setattr(wsgi._Recorder, "_write", slow_write)
     app = instrument("forking", _app)
-    _drive(app, [("GET", "/200", "1")])                 # the first writes at once
-    monkeypatch.setattr(wsgi._Recorder, "_write", write)
-    _drive(app, [("GET", "/200", "1")] * 2)
+    _drive(app, [("GET", "/200", "1")] * 3)
     monkeypatch.setattr(wsgi._Recorder, "_write", slow_write)
-    writing.clear()
     flusher = threading.Thread(target=flush_requests)
     flusher.start()
     assert writing.wait(10)
@@ -710,9 +742,9 @@ def _fork_during_flush(mp: Path, monkeypatch: Any) -> None:
     assert _requests_written(mp, os.getpid(), "forking") == 3
 
 
-def test_a_bad_record_costs_its_own_count_only(tmp_path: Path) -> None:
+def test_a_bad_status_costs_its_own_count_only(tmp_path: Path) -> None:
     """A status that is not a str (an app's mistake the server rejects) is a 500; the
-    batch around it is written and nothing stays in flight."""
+    requests around it are written and nothing stays in flight."""
     _in_child(lambda: _bad_status(tmp_path), tmp_path)
 
 
@@ -732,6 +764,15 @@ def _bad_status(mp: Path) -> None:
     assert written[("hostsvc_http_requests_in_flight", "{}")] == 0
 
 
+def _codes_written(mp: Path, app: str) -> dict[str, float]:
+    """`app`'s request counts in this process's files, by code."""
+    codes: Counter[str] = Counter()
+    for (name, labels), v in _file_values(mp, os.getpid(), app).items():
+        if name == "hostsvc_http_requests_total":
+            codes[json.loads(labels)["code"]] += v
+    return dict(codes)
+
+
 def test_a_generator_app_is_counted_under_the_status_it_sends_when_iterated(
         tmp_path: Path) -> None:
     """A generator app calls start_response only when the server first iterates its
@@ -746,11 +787,61 @@ def _lazy_status(mp: Path) -> None:
         yield b"de"
     app = instrument("lazy", lazy)
     _drive(app, [("GET", "/201", ""), ("GET", "/202", ""), ("POST", "/409", "")])
-    records = _recorder(app).pending              # the first is written at once
-    assert [(r[0], r[1], r[5]) for r in records] == [("GET", "202 Lazy", 5),
-                                                     ("POST", "409 Lazy", 5)]
     flush_requests()
-    assert _requests_written(mp, os.getpid(), "lazy") == 3
+    assert _codes_written(mp, "lazy") == {"201": 1, "202": 1, "409": 1}
+    written = _file_values(mp, os.getpid(), "lazy")
+    assert written[("hostsvc_http_response_size_bytes_sum", "{}")] == 15
+
+
+def test_a_streamed_body_is_recorded_once_when_closed_or_dropped(tmp_path: Path) -> None:
+    """The server closes the body (PEP 3333): the app's close() runs, raising or not,
+    and the request is recorded with the bytes sent so far. A body dropped without
+    close() still ends its request, so nothing stays in flight."""
+    _in_child(lambda: _streams_closed(tmp_path), tmp_path)
+
+
+def _streams_closed(mp: Path) -> None:
+    import gc
+
+    closed: list[str] = []
+
+    class Body:
+        def __init__(self, path: str) -> None:
+            self.path = path
+
+        def __iter__(self) -> Iterator[bytes]:
+            yield b"1234"
+            yield b"56"
+
+        def close(self) -> None:
+            closed.append(self.path)
+            if self.path == "/fails":
+                raise OSError("close failed")
+
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        start_response("206 Partial", [])
+        return Body(environ["PATH_INFO"])
+
+    tally = instrument("streams", app)
+    sent = _drive(tally, [("GET", "/whole", "")])
+    assert sent[0][1] == b"123456"
+    body = tally({"REQUEST_METHOD": "POST", "PATH_INFO": "/partly"}, _server_start_response)
+    assert next(iter(body)) == b"1234"                  # the client went away
+    body.close()
+    body.close()                    # twice: passed on twice, the request recorded once
+    body = tally({"REQUEST_METHOD": "PUT", "PATH_INFO": "/fails"}, _server_start_response)
+    with pytest.raises(OSError, match="close failed"):
+        body.close()
+    body = tally({"REQUEST_METHOD": "GET", "PATH_INFO": "/dropped"}, _server_start_response)
+    list(body)
+    del body
+    gc.collect()
+    assert closed == ["/whole", "/partly", "/partly", "/fails"]   # not the dropped one's
+    flush_requests()
+    written = _file_values(mp, os.getpid(), "streams")
+    assert _codes_written(mp, "streams") == {"206": 4}
+    assert written[("hostsvc_http_response_size_bytes_sum", "{}")] == 6 + 4 + 0 + 6
+    assert written[("hostsvc_http_requests_in_flight", "{}")] == 0
 
 
 def test_a_mounted_web_app_leaves_its_status_line_to_the_middleware(tmp_path: Path
@@ -774,12 +865,8 @@ def _web_app_statuses(mp: Path) -> None:
     for environ, body in sent:
         assert body
         assert wsgi.STATUS_KEY not in environ, "start_response was wrapped"
-    statuses = [record[1] for record in _recorder(app).pending]   # the first is written
-    assert statuses == ["200 OK", "410 Gone", "404 Not Found", "404 Not Found"]
     flush_requests()
-    codes = {json.loads(labels)["code"]: v for (name, labels), v in
-             _file_values(mp, os.getpid(), "web").items() if name == "hostsvc_http_requests_total"}
-    assert codes == {"200": 2, "410": 1, "404": 2}
+    assert _codes_written(mp, "web") == {"200": 2, "410": 1, "404": 2}
 
 
 def test_an_app_that_only_inherits_the_status_key_gets_its_start_response_wrapped(
@@ -822,23 +909,23 @@ def _inherited_status_keys(mp: Path) -> None:
     class Plain(web.Application):             # the stock __call__: still believed
         pass
 
-    cases = [(Health(_web_tree()), "/healthz", "200 OK", None),
-             (Gone(_web_tree()), "/missing", "410 Gone", None),
-             (Copying(web.Application(_web_tree())), "/", "200 OK", None),
-             (Plain(_web_tree()), "/", "200 OK", "hostsvc.status")]
+    cases = [(Health(_web_tree()), "/healthz", "200", None),
+             (Gone(_web_tree()), "/missing", "410", None),
+             (Copying(web.Application(_web_tree())), "/", "200", None),
+             (Plain(_web_tree()), "/", "200", "hostsvc.status")]
     for i, (inner, path, expected, key) in enumerate(cases):
         assert status_environ_key(inner) == key
         mounted = PrefixMiddleware(inner, "/")
         assert mounted.status_environ_key == key
         app = instrument(f"inherited{i}", mounted)
-        # (twice: the first request of a recorder is written at once)
         assert len(_drive(app, [("GET", path, "")] * 2)) == 2
-        assert [record[1] for record in _recorder(app).pending] == [expected]
+        flush_requests()
+        assert _codes_written(mp, f"inherited{i}") == {expected: 2}
 
 
 def test_a_signal_handler_cannot_cut_a_batch_short(tmp_path: Path) -> None:
     """gunicorn ends a worker with sys.exit() from signal handlers in the main thread;
-    one arriving while the request path writes a batch runs after the batch."""
+    one arriving while the main thread writes a batch (the exit flush) runs after it."""
     _in_child(lambda: _signal_in_batch(tmp_path), tmp_path)
 
 
@@ -848,7 +935,10 @@ def _signal_in_batch(mp: Path) -> None:
     def exit_now(signum: int, frame: Any) -> None:
         raise SystemExit(0)
     signal.signal(signal.SIGUSR1, exit_now)
+    wsgi.FLUSH_INTERVAL = 3600.0
     write = wsgi._Recorder._write
+    app = instrument("signalled", _app)
+    _drive(app, [("GET", "/200", "5")] * 2)
 
     def signalled_write(self: Any, *args: Any) -> None:
         os.kill(os.getpid(), signal.SIGUSR1)     # the handler would run right here
@@ -856,16 +946,18 @@ def _signal_in_batch(mp: Path) -> None:
     wsgi._Recorder._write = signalled_write
     try:
         with pytest.raises(SystemExit):
-            _drive(instrument("signalled", _app), [("GET", "/200", "5")])
+            flush_requests()
     finally:
         wsgi._Recorder._write = write
     written = _file_values(mp, os.getpid(), "signalled")
-    assert _requests_written(mp, os.getpid(), "signalled") == 1
-    assert written[("hostsvc_http_response_size_bytes_sum", "{}")] == 5
+    assert _requests_written(mp, os.getpid(), "signalled") == 2
+    assert written[("hostsvc_http_response_size_bytes_sum", "{}")] == 10
 
 
 def test_without_a_flusher_thread_requests_are_still_served_and_counted(
         tmp_path: Path, monkeypatch: Any, caplog: Any) -> None:
+    """A process out of threads: the requests write every 256th request, and the
+    exit flush writes the rest."""
     _in_child(lambda: _no_thread(tmp_path, monkeypatch, caplog), tmp_path)
 
 
@@ -874,10 +966,13 @@ def _no_thread(mp: Path, monkeypatch: Any, caplog: Any) -> None:
         raise RuntimeError("can't start new thread")
     monkeypatch.setattr(threading.Thread, "start", refuse)
     app = instrument("threadless", _app)
-    _drive(app, [("GET", "/200", "1")] * 3 + [("HEAD", "/200", "")])
-    _drive(app, [("", "/200", "1")])
+    _drive(app, [("GET", "/200", "1")] * 255 + [("HEAD", "/200", "")])
+    assert _requests_written(mp, os.getpid(), "threadless") == 256
+    _drive(app, [("GET", "/200", "1")] * 3 + [("", "/200", "1")])
+    assert _requests_written(mp, os.getpid(), "threadless") == 256
     flush_requests()
-    assert _requests_written(mp, os.getpid(), "threadless") == 5
+    assert _requests_written(mp, os.getpid(), "threadless") == 260
+    assert _codes_written(mp, "threadless") == {"200": 260}
     assert "no flusher thread (can't start new thread)" in caplog.text
 
 
