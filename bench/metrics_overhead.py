@@ -6,16 +6,17 @@ prometheus-client's multiprocess mode (mmap files in a temporary
 PROMETHEUS_MULTIPROC_DIR) as in a worker. The baseline in the same run is the
 middleware anyone would write with prometheus_client's public API: per request a counter
 inc, three observe() calls and the in-flight gauge up and down, written to the files at
-once. instrument() queues a tuple per request and writes batches
-(hostsvc/metrics/wsgi.py); its rows include the batches' writes, made by the requests
-that end a batch and by its flusher thread.
+once. instrument() is a C object that adds each request into arrays, which a thread
+of the worker writes to the files every 0.25 s (hostsvc/metrics/wsgi.py,
+hostsvc/metrics/_tally.c); its timed rows leave those writes to that thread, its
+callgrind rows write every 256 calls in the calling thread and count them.
 
 Three measures:
 - warm: back-to-back calls, best of 5 rounds. Code and data stay in the CPU caches, as
   they never do in a server.
 - cold: before each call, `--cold-mib` MiB are written (not timed), as the server, nginx
-  and the kernel do between two requests of a worker; mean of all calls, so the
-  batches count. Closer to what a worker pays (docs/metrics.md), and noisier.
+  and the kernel do between two requests of a worker; mean of all calls. Closer to
+  what a worker pays (docs/metrics.md), and noisier.
 - instructions (`--instructions`, needs valgrind): instructions per request counted by
   callgrind, the difference between runs of 2,000 and 6,000 calls with
   PYTHONHASHSEED=0. The same on any load and from run to run: the figure to compare
@@ -126,7 +127,7 @@ def build_rows() -> dict[str, WSGIApp]:
     return {"bare": with_request_start(app),
             "public API, per request": with_request_start(
                 public_api_middleware("public", app)),
-            "instrument()": with_request_start(instrument("batched", app))}
+            "instrument()": with_request_start(instrument("instrumented", app))}
 
 
 def instructions_per_call(row: int) -> float:

@@ -24,10 +24,18 @@
  * `start()` is called once before the first request (it binds the metrics and starts the
  * flusher); if it returns false the app is served without metrics.
  *
- * Thread safety: the accumulators are only touched between calls into Python, under the
- * GIL, so gthread workers' request threads and the flusher's take() cannot interleave in
- * them. The module does not declare free-threading support, so a free-threaded Python
- * runs it with the GIL enabled.
+ * Thread safety, under the GIL: a request's additions run with no Python code in
+ * between (record()), and take() moves everything out and zeroes it before it makes any
+ * Python object (an allocation can run the collector, and with it Python code), so
+ * gthread workers' request threads and the flusher's take() cannot interleave in them.
+ * The module does not declare free-threading support, so a free-threaded Python runs it
+ * with the GIL enabled.
+ *
+ * What is and is not raised: the metrics' own failures are never raised to the server
+ * (an Exception from start() or on_batch is printed as unraisable, a failed environ
+ * lookup reads as a missing key) and the request is served; SystemExit and
+ * KeyboardInterrupt from start() or on_batch pass, ending the request as they would
+ * have without the metrics.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -99,6 +107,23 @@ typedef struct {
 
 enum { IDLE = 0, RUNNING = 1, OFF = 2 };
 
+/* Keep an exception in flight across code that may set and clear its own. */
+#if PY_VERSION_HEX >= 0x030C0000
+typedef struct { PyObject *exc; } SavedError;
+static inline SavedError save_error(void) { return (SavedError){PyErr_GetRaisedException()}; }
+static inline void restore_error(SavedError e) { PyErr_SetRaisedException(e.exc); }
+#else
+typedef struct { PyObject *type, *value, *tb; } SavedError;
+static inline SavedError
+save_error(void)
+{
+    SavedError e;
+    PyErr_Fetch(&e.type, &e.value, &e.tb);
+    return e;
+}
+static inline void restore_error(SavedError e) { PyErr_Restore(e.type, e.value, e.tb); }
+#endif
+
 static PyTypeObject TallyType;
 static PyTypeObject KeepStatusType;
 static PyTypeObject CountingBodyType;
@@ -114,8 +139,7 @@ read_clock(PyObject *fn, clockid_t id)
         return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
     }
     /* A test's clock: never let it disturb the request (or an exception in flight). */
-    PyObject *type, *value, *tb;
-    PyErr_Fetch(&type, &value, &tb);
+    SavedError saved = save_error();
     double t = 0.0;
     PyObject *r = PyObject_CallNoArgs(fn);
     if (r != NULL) {
@@ -126,7 +150,7 @@ read_clock(PyObject *fn, clockid_t id)
         PyErr_WriteUnraisable(fn);
         t = 0.0;
     }
-    PyErr_Restore(type, value, tb);
+    restore_error(saved);
     return t;
 }
 
@@ -163,15 +187,31 @@ record(Tally *self, int method, int code, double started, Py_ssize_t size)
     self->ended++;
 }
 
-static void
+/* A failure of a call into Python on the request path: an Exception is the metrics'
+ * own and is printed, never raised to the server; anything else (SystemExit from
+ * gunicorn's signal handlers, KeyboardInterrupt) is left to end the request, as it
+ * would have ended it without the metrics. Returns -1 for the latter. */
+static int
+unraisable(PyObject *where)
+{
+    if (!PyErr_ExceptionMatches(PyExc_Exception))
+        return -1;
+    PyErr_WriteUnraisable(where);
+    return 0;
+}
+
+/* After a request was recorded: a process without a flusher writes every 256. */
+static int
 after_record(Tally *self)
 {
-    if (self->on_batch != Py_None && (self->ended & BATCH_MASK) == 0) {
-        PyObject *r = PyObject_CallNoArgs(self->on_batch);
-        if (r == NULL)
-            PyErr_WriteUnraisable(self->on_batch);
-        Py_XDECREF(r);
-    }
+    if (self->on_batch == Py_None || (self->ended & BATCH_MASK) != 0)
+        return 0;
+    PyObject *on_batch = Py_NewRef(self->on_batch);     /* the call may replace it */
+    PyObject *r = PyObject_CallNoArgs(on_batch);
+    int ok = r != NULL || unraisable(on_batch) == 0;
+    Py_XDECREF(r);
+    Py_DECREF(on_batch);
+    return ok ? 0 : -1;
 }
 
 /* -- reading the environ ------------------------------------------------------------ */
@@ -252,10 +292,15 @@ observe_queue(Tally *self, PyObject *environ)
             return;
         }
         /* The prefix is not compared: anything else fails here or lands outside the
-         * accepted range. (Compact ASCII strings end in a NUL.) */
-        stamp = PyOS_string_to_double(s + 2, NULL, NULL);
+         * accepted range. Stricter than float(): no spaces or underscores, as nginx's
+         * $msec never has. (Compact ASCII strings end in a NUL.) */
+        char *end;
+        stamp = PyOS_string_to_double(s + 2, &end, NULL);
         if (stamp == -1.0 && PyErr_Occurred()) {
             PyErr_Clear();
+            stamp = NAN;
+        }
+        else if (end != s + n) {    /* a NUL or anything else after the number */
             stamp = NAN;
         }
         memcpy(self->last_header, s, n);
@@ -284,9 +329,16 @@ keep_status_call(PyObject *callable, PyObject *const *args, size_t nargsf,
                  PyObject *kwnames)
 {
     KeepStatus *self = (KeepStatus *)callable;
-    if (PyVectorcall_NARGS(nargsf) >= 1 && PyObject_SetItem(self->environ, self->key, args[0]) < 0)
-        PyErr_Clear();      /* the status goes uncounted (500); the response still goes */
-    return PyObject_Vectorcall(self->start_response, args, nargsf, kwnames);
+    PyObject *write = PyObject_Vectorcall(self->start_response, args, nargsf, kwnames);
+    /* Only a status the server took: with exc_info after the headers went out, it
+     * re-raises, and the client keeps the status it already got. */
+    if (write != NULL && PyVectorcall_NARGS(nargsf) >= 1 &&
+            PyObject_SetItem(self->environ, self->key, args[0]) < 0) {
+        if (unraisable((PyObject *)self) < 0)
+            Py_CLEAR(write);
+        /* else: the status goes uncounted (500); the response still goes */
+    }
+    return write;
 }
 
 static PyObject *
@@ -356,8 +408,6 @@ typedef struct {
     Py_ssize_t size;
 } CountingBody;
 
-static void record_body(CountingBody *self);
-
 static PyObject *
 counting_body_new(PyObject *body, PyObject *tally, PyObject *environ, int method,
                   double started)
@@ -393,6 +443,21 @@ counting_body_next(CountingBody *self)
     return chunk;
 }
 
+/* A streamed request ends: its status line from the environ, its duration, its bytes.
+ * Once per body. */
+static void
+record_body(CountingBody *self)
+{
+    if (self->done || self->tally == NULL)
+        return;
+    self->done = 1;
+    Tally *tally = (Tally *)self->tally;
+    PyObject *status = environ_get(self->environ, tally->status_key);
+    int code = status_code(status);
+    Py_XDECREF(status);
+    record(tally, self->method, code, self->started, self->size);
+}
+
 PyDoc_STRVAR(counting_body_close_doc,
 "close()\n--\n\n"
 "PEP 3333: the server calls close(); pass it on to the app's body, then record the\n"
@@ -401,24 +466,50 @@ PyDoc_STRVAR(counting_body_close_doc,
 static PyObject *
 counting_body_close(CountingBody *self, PyObject *Py_UNUSED(ignored))
 {
-    PyObject *r = Py_NewRef(Py_None);
+    int failed = 0;
     PyObject *close = PyObject_GetAttr(self->body, STR_CLOSE);
-    if (close != NULL) {
-        Py_SETREF(r, PyObject_CallNoArgs(close));
-        Py_DECREF(close);
-    }
-    else if (PyErr_ExceptionMatches(PyExc_AttributeError)) {
-        PyErr_Clear();          /* a body without close() */
+    if (close == NULL) {
+        if (PyErr_ExceptionMatches(PyExc_AttributeError))
+            PyErr_Clear();      /* a body without close() */
+        else
+            failed = 1;
     }
     else {
-        Py_CLEAR(r);
+        PyObject *r = close == Py_None ? Py_NewRef(Py_None) : PyObject_CallNoArgs(close);
+        failed = r == NULL;
+        Py_XDECREF(r);
+        Py_DECREF(close);
     }
     /* Recorded whether the app's close() raised or not (as a finally would). */
-    PyObject *type, *value, *tb;
-    PyErr_Fetch(&type, &value, &tb);
+    SavedError saved = save_error();
+    int already = self->done;
     record_body(self);
-    PyErr_Restore(type, value, tb);
-    return r;
+    if (!already && self->tally != NULL && after_record((Tally *)self->tally) < 0) {
+        if (failed)     /* the app's exception first, as Python chains them */
+            PyErr_Clear();
+        else
+            return NULL;
+    }
+    restore_error(saved);
+    if (failed)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+/* A server that dropped the body without close() (PEP 3333 says it must not): the
+ * request still ends, or it would stay in flight for good. A finalizer, not dealloc:
+ * the collector runs every finalizer of a garbage cycle before it clears any member,
+ * so the tally and the environ are still there. Records only; the write waits for the
+ * flusher (running a flush from inside a collection could take prometheus_client's
+ * lock in a thread that already holds it). */
+static void
+counting_body_finalize(CountingBody *self)
+{
+    if (self->done)
+        return;
+    SavedError saved = save_error();
+    record_body(self);
+    restore_error(saved);
 }
 
 static int
@@ -444,15 +535,9 @@ counting_body_clear(CountingBody *self)
 static void
 counting_body_dealloc(CountingBody *self)
 {
+    if (PyObject_CallFinalizerFromDealloc((PyObject *)self) < 0)
+        return;                 /* resurrected by the finalizer */
     PyObject_GC_UnTrack(self);
-    /* A server that dropped the body without close() (PEP 3333 says it must not): the
-     * request still ends, or it would stay in flight for good. */
-    if (!self->done && self->tally != NULL) {
-        PyObject *type, *value, *tb;
-        PyErr_Fetch(&type, &value, &tb);
-        record_body(self);
-        PyErr_Restore(type, value, tb);
-    }
     counting_body_clear(self);
     PyObject_GC_Del(self);
 }
@@ -474,21 +559,30 @@ static PyTypeObject CountingBodyType = {
     .tp_traverse = (traverseproc)counting_body_traverse,
     .tp_clear = (inquiry)counting_body_clear,
     .tp_dealloc = (destructor)counting_body_dealloc,
+    .tp_finalize = (destructor)counting_body_finalize,
 };
 
 /* -- Tally: the middleware ------------------------------------------------------------ */
 
+/* Bind the metrics before a process's first request. 1: count; 0: serve without
+ * metrics (start() failed or said so); -1: an exception that must end the request. */
 static int
 start(Tally *self)
 {
     PyObject *r = PyObject_CallNoArgs(self->start);
-    int ok = r != NULL && PyObject_IsTrue(r) == 1;
-    if (r == NULL || PyErr_Occurred())
-        PyErr_WriteUnraisable(self->start);
-    Py_XDECREF(r);
+    if (r == NULL) {
+        if (unraisable(self->start) < 0)
+            return -1;              /* not started: the next request tries again */
+        self->state = OFF;
+        return 0;
+    }
+    int ok = PyObject_IsTrue(r);
+    Py_DECREF(r);
+    if (ok < 0 && unraisable(self->start) < 0)
+        return -1;
     /* start() may have been reached by another request thread meanwhile: same answer. */
-    self->state = ok ? RUNNING : OFF;
-    return ok;
+    self->state = ok == 1 ? RUNNING : OFF;
+    return ok == 1;
 }
 
 static Py_ssize_t
@@ -511,12 +605,17 @@ static PyObject *
 tally_call(PyObject *callable, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
     Tally *self = (Tally *)callable;
-    if (PyVectorcall_NARGS(nargsf) != 2 || kwnames != NULL) {
+    if (PyVectorcall_NARGS(nargsf) != 2 || (kwnames != NULL && PyTuple_GET_SIZE(kwnames))) {
         PyErr_SetString(PyExc_TypeError, "a WSGI app takes (environ, start_response)");
         return NULL;
     }
-    if (self->state != RUNNING && (self->state == OFF || !start(self)))
-        return PyObject_Vectorcall(self->app, args, 2, NULL);
+    if (self->state != RUNNING) {
+        int counting = self->state == OFF ? 0 : start(self);
+        if (counting < 0)
+            return NULL;
+        if (counting == 0)
+            return PyObject_Vectorcall(self->app, args, 2, NULL);
+    }
 
     PyObject *environ = args[0];
     double started = read_clock(self->mono_clock, CLOCK_MONOTONIC);
@@ -553,36 +652,21 @@ tally_call(PyObject *callable, PyObject *const *args, size_t nargsf, PyObject *k
         int code = status_code(status);
         Py_XDECREF(status);
         record(self, method, code, started, size);
-        after_record(self);
+        if (after_record(self) < 0)
+            Py_CLEAR(body);
         return body;
     }
     PyObject *wrapped = counting_body_new(body, callable, environ, method, started);
     if (wrapped == NULL) {
         record(self, method, SERVER_ERROR, started, 0);
-        PyObject *type, *value, *tb;
-        PyErr_Fetch(&type, &value, &tb);
+        SavedError saved = save_error();
         PyObject *r = PyObject_CallMethodNoArgs(body, STR_CLOSE);
         Py_XDECREF(r);
         PyErr_Clear();
-        PyErr_Restore(type, value, tb);
+        restore_error(saved);
     }
     Py_DECREF(body);
     return wrapped;
-}
-
-/* A streamed request ends: its status line from the environ, its duration, its bytes. */
-static void
-record_body(CountingBody *self)
-{
-    if (self->done)
-        return;
-    self->done = 1;
-    Tally *tally = (Tally *)self->tally;
-    PyObject *status = environ_get(self->environ, tally->status_key);
-    int code = status_code(status);
-    Py_XDECREF(status);
-    record(tally, self->method, code, self->started, self->size);
-    after_record(tally);
 }
 
 /* The bucket counts of `h`, one per bucket, the last one for +Inf. */
@@ -613,29 +697,60 @@ hist_tuple(const Hist *h, const Bounds *b)
     return counts ? Py_BuildValue("(dN)", h->sum, counts) : NULL;
 }
 
+/* What take() moves out of a Tally before it builds any Python object. */
+typedef struct {
+    int64_t in_flight_delta;
+    Py_ssize_t n_codes;
+    struct { uint16_t entry; uint64_t n; } codes[N_METHODS * N_CODES];
+    Hist duration[N_METHODS];
+    Hist queue;
+    Hist size;
+} Taken;
+
 PyDoc_STRVAR(take_doc,
 "take() -> (in_flight, counts, durations, queue, sizes)\n--\n\n"
 "What requests added since the last take(), and start again from zero:\n"
 "in_flight: the change of requests in flight; counts: [(method, code, n)];\n"
 "durations: [(method, sum, bucket counts)]; queue and sizes: (sum, bucket counts),\n"
 "or None when nothing was observed. Bucket counts are per bucket (not cumulative),\n"
-"the last one for +Inf.");
+"the last one for +Inf. If building the result fails (MemoryError), what was taken\n"
+"is lost, as a batch that fails to be written is; the in-flight figure is not.");
 
 static PyObject *
 tally_take(Tally *self, PyObject *Py_UNUSED(ignored))
 {
-    /* Everything is copied out before anything is zeroed, with no Python code run in
-     * between a request's additions: build the result from a snapshot. */
+    /* Moved out and zeroed first, with no Python object made in between: on 3.11 an
+     * allocation can run the collector, whose finalizers run Python code that can
+     * record requests or let a request thread run. Those land in the zeroed arrays,
+     * for the next take(). */
+    Taken *t = PyMem_RawMalloc(sizeof(Taken));
+    if (t == NULL)
+        return PyErr_NoMemory();
     int64_t in_flight = (int64_t)(self->began - self->ended);
-    int64_t in_flight_delta = in_flight - self->in_flight_reported;
+    t->in_flight_delta = in_flight - self->in_flight_reported;
+    t->n_codes = self->n_touched;
+    for (Py_ssize_t i = 0; i < self->n_touched; i++) {
+        uint16_t entry = self->touched[i];
+        t->codes[i].entry = entry;
+        t->codes[i].n = self->codes[entry / N_CODES][entry % N_CODES];
+        self->codes[entry / N_CODES][entry % N_CODES] = 0;
+    }
+    self->n_touched = 0;
+    memcpy(t->duration, self->duration, sizeof(self->duration));
+    t->queue = self->queue;
+    t->size = self->size;
+    memset(self->duration, 0, sizeof(self->duration));
+    memset(&self->queue, 0, sizeof(self->queue));
+    memset(&self->size, 0, sizeof(self->size));
+
     PyObject *counts = PyList_New(0), *durations = PyList_New(0);
     PyObject *queue = NULL, *sizes = NULL, *result = NULL;
     if (counts == NULL || durations == NULL)
         goto done;
-    for (Py_ssize_t i = 0; i < self->n_touched; i++) {
-        int method = self->touched[i] / N_CODES, index = self->touched[i] % N_CODES;
+    for (Py_ssize_t i = 0; i < t->n_codes; i++) {
+        int method = t->codes[i].entry / N_CODES, index = t->codes[i].entry % N_CODES;
         PyObject *item = Py_BuildValue("(OiK)", self->method_names[method], index + MIN_CODE,
-                                       (unsigned long long)self->codes[method][index]);
+                                       (unsigned long long)t->codes[i].n);
         if (item == NULL || PyList_Append(counts, item) < 0) {
             Py_XDECREF(item);
             goto done;
@@ -643,35 +758,26 @@ tally_take(Tally *self, PyObject *Py_UNUSED(ignored))
         Py_DECREF(item);
     }
     for (int m = 0; m < N_METHODS; m++) {
-        if (self->duration[m].count == 0)
+        if (t->duration[m].count == 0)
             continue;
-        PyObject *c = bucket_counts(&self->duration[m], &self->duration_bounds);
+        PyObject *c = bucket_counts(&t->duration[m], &self->duration_bounds);
         PyObject *item = c ? Py_BuildValue("(OdN)", self->method_names[m],
-                                           self->duration[m].sum, c) : NULL;
+                                           t->duration[m].sum, c) : NULL;
         if (item == NULL || PyList_Append(durations, item) < 0) {
             Py_XDECREF(item);
             goto done;
         }
         Py_DECREF(item);
     }
-    if ((queue = hist_tuple(&self->queue, &self->queue_bounds)) == NULL ||
-            (sizes = hist_tuple(&self->size, &self->size_bounds)) == NULL)
+    if ((queue = hist_tuple(&t->queue, &self->queue_bounds)) == NULL ||
+            (sizes = hist_tuple(&t->size, &self->size_bounds)) == NULL)
         goto done;
-    result = Py_BuildValue("(LOOOO)", (long long)in_flight_delta, counts, durations,
+    result = Py_BuildValue("(LOOOO)", (long long)t->in_flight_delta, counts, durations,
                            queue, sizes);
-    if (result == NULL)
-        goto done;
-    /* Taken: zero what was reported. */
-    self->in_flight_reported = in_flight;
-    for (Py_ssize_t i = 0; i < self->n_touched; i++) {
-        int method = self->touched[i] / N_CODES, index = self->touched[i] % N_CODES;
-        self->codes[method][index] = 0;
-    }
-    self->n_touched = 0;
-    memset(self->duration, 0, sizeof(self->duration));
-    memset(&self->queue, 0, sizeof(self->queue));
-    memset(&self->size, 0, sizeof(self->size));
+    if (result != NULL)
+        self->in_flight_reported += t->in_flight_delta;
 done:
+    PyMem_RawFree(t);
     Py_XDECREF(counts);
     Py_XDECREF(durations);
     Py_XDECREF(queue);
@@ -705,33 +811,35 @@ tally_reset(Tally *self, PyObject *Py_UNUSED(ignored))
     Py_RETURN_NONE;
 }
 
+/* Finite, increasing upper bounds from any sequence of numbers (read from a tuple of
+ * its own, which nothing can change while it is read). */
 static int
 read_bounds(PyObject *seq, Bounds *b)
 {
-    PyObject *fast = PySequence_Fast(seq, "bucket bounds must be a sequence");
-    if (fast == NULL)
+    PyObject *bounds = PySequence_Tuple(seq);
+    if (bounds == NULL)
         return -1;
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
-    if (n < 1 || n > MAX_BOUNDS) {
-        Py_DECREF(fast);
+    Py_ssize_t n = PyTuple_GET_SIZE(bounds);
+    int ok = n >= 1 && n <= MAX_BOUNDS;
+    if (!ok)
         PyErr_Format(PyExc_ValueError, "1 to %d bucket bounds, not %zd", MAX_BOUNDS, n);
-        return -1;
-    }
-    for (Py_ssize_t i = 0; i < n; i++) {
-        double v = PyFloat_AsDouble(PySequence_Fast_GET_ITEM(fast, i));
+    for (Py_ssize_t i = 0; ok && i < n; i++) {
+        double v = PyFloat_AsDouble(PyTuple_GET_ITEM(bounds, i));
         if (v == -1.0 && PyErr_Occurred()) {
-            Py_DECREF(fast);
-            return -1;
+            ok = 0;
         }
-        if (!isfinite(v) || (i > 0 && v <= b->bounds[i - 1])) {
-            Py_DECREF(fast);
+        else if (!isfinite(v) || (i > 0 && v <= b->bounds[i - 1])) {
             PyErr_SetString(PyExc_ValueError, "bucket bounds must be finite and increasing");
-            return -1;
+            ok = 0;
         }
-        b->bounds[i] = v;
+        else {
+            b->bounds[i] = v;
+        }
     }
+    Py_DECREF(bounds);
+    if (!ok)
+        return -1;
     b->n = n;
-    Py_DECREF(fast);
     return 0;
 }
 
@@ -739,15 +847,18 @@ static PyObject *
 tally_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"app", "status_key", "wrap", "start", "buckets", "clocks", NULL};
-    PyObject *app, *status_key, *start_fn, *duration_b, *queue_b, *size_b;
+    PyObject *app, *status_key, *start_fn, *buckets;
     PyObject *clocks = Py_None;
     int wrap;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OUpO(OOO)|O:Tally", kwlist, &app,
-                                     &status_key, &wrap, &start_fn, &duration_b,
-                                     &queue_b, &size_b, &clocks))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OUpOO|O:Tally", kwlist, &app,
+                                     &status_key, &wrap, &start_fn, &buckets, &clocks))
         return NULL;
     if (!PyCallable_Check(app) || !PyCallable_Check(start_fn)) {
         PyErr_SetString(PyExc_TypeError, "app and start must be callable");
+        return NULL;
+    }
+    if (!PyUnicode_CheckExact(status_key)) {
+        PyErr_SetString(PyExc_TypeError, "status_key must be a str");
         return NULL;
     }
     PyObject *mono = NULL, *wall = NULL;
@@ -757,18 +868,7 @@ tally_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     Tally *self = (Tally *)type->tp_alloc(type, 0);
     if (self == NULL)
         return NULL;
-    if (read_bounds(duration_b, &self->duration_bounds) < 0 ||
-            read_bounds(queue_b, &self->queue_bounds) < 0 ||
-            read_bounds(size_b, &self->size_bounds) < 0) {
-        Py_DECREF(self);
-        return NULL;
-    }
-    for (int i = 0; i < N_METHODS; i++) {
-        if ((self->method_names[i] = PyUnicode_InternFromString(METHOD_NAMES[i])) == NULL) {
-            Py_DECREF(self);
-            return NULL;
-        }
-    }
+    /* Set before anything can fail: dealloc releases them. */
     self->vectorcall = tally_call;
     self->app = Py_NewRef(app);
     self->status_key = Py_NewRef(status_key);
@@ -779,6 +879,24 @@ tally_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     self->wrap = wrap;
     self->state = IDLE;
     zero(self);
+    PyObject *three = PySequence_Tuple(buckets);
+    if (three == NULL || PyTuple_GET_SIZE(three) != 3) {
+        if (three != NULL)
+            PyErr_SetString(PyExc_ValueError, "buckets: (duration, queue, size) bounds");
+        Py_XDECREF(three);
+        Py_DECREF(self);
+        return NULL;
+    }
+    int failed = read_bounds(PyTuple_GET_ITEM(three, 0), &self->duration_bounds) < 0 ||
+                 read_bounds(PyTuple_GET_ITEM(three, 1), &self->queue_bounds) < 0 ||
+                 read_bounds(PyTuple_GET_ITEM(three, 2), &self->size_bounds) < 0;
+    Py_DECREF(three);
+    for (int i = 0; !failed && i < N_METHODS; i++)
+        failed = (self->method_names[i] = PyUnicode_InternFromString(METHOD_NAMES[i])) == NULL;
+    if (failed) {
+        Py_DECREF(self);
+        return NULL;
+    }
     return (PyObject *)self;
 }
 
@@ -786,7 +904,6 @@ static int
 tally_traverse(Tally *self, visitproc visit, void *arg)
 {
     Py_VISIT(self->app);
-    Py_VISIT(self->status_key);
     Py_VISIT(self->start);
     Py_VISIT(self->on_batch);
     Py_VISIT(self->mono_clock);
@@ -794,17 +911,17 @@ tally_traverse(Tally *self, visitproc visit, void *arg)
     return 0;
 }
 
+/* Breaks cycles (the recorder's start() holds the tally), and leaves what recording
+ * reads: a streamed body of the same garbage may still record into it (its status key
+ * and method names are strs, which hold nothing). */
 static int
 tally_clear(Tally *self)
 {
     Py_CLEAR(self->app);
-    Py_CLEAR(self->status_key);
     Py_CLEAR(self->start);
-    Py_CLEAR(self->on_batch);
     Py_CLEAR(self->mono_clock);
     Py_CLEAR(self->wall_clock);
-    for (int i = 0; i < N_METHODS; i++)
-        Py_CLEAR(self->method_names[i]);
+    Py_XSETREF(self->on_batch, Py_NewRef(Py_None));
     return 0;
 }
 
@@ -813,6 +930,10 @@ tally_dealloc(Tally *self)
 {
     PyObject_GC_UnTrack(self);
     tally_clear(self);
+    Py_CLEAR(self->on_batch);
+    Py_CLEAR(self->status_key);
+    for (int i = 0; i < N_METHODS; i++)
+        Py_CLEAR(self->method_names[i]);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
