@@ -39,8 +39,8 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
-#include <structmember.h>
 #include <math.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <string.h>
 #include <time.h>
@@ -961,13 +961,6 @@ static PyGetSetDef tally_getset[] = {
     {NULL},
 };
 
-static PyMemberDef tally_members[] = {
-    {"app", T_OBJECT, offsetof(Tally, app), READONLY, "the WSGI app counted"},
-    {"status_key", T_OBJECT, offsetof(Tally, status_key), READONLY,
-     "the environ key the status line is read from"},
-    {NULL},
-};
-
 static PyMethodDef tally_methods[] = {
     {"take", (PyCFunction)tally_take, METH_NOARGS, take_doc},
     {"reset", (PyCFunction)tally_reset, METH_NOARGS, reset_doc},
@@ -993,7 +986,6 @@ static PyTypeObject TallyType = {
     .tp_clear = (inquiry)tally_clear,
     .tp_dealloc = (destructor)tally_dealloc,
     .tp_methods = tally_methods,
-    .tp_members = tally_members,
     .tp_getset = tally_getset,
 };
 

@@ -34,16 +34,15 @@ import time
 from typing import Any, Callable, Iterable
 
 from ..statusline import status_environ_key
-from ._tally import KNOWN_METHODS as _COUNTED_METHODS
-from ._tally import Tally
+# KNOWN_METHODS: methods counted as such; anything else is counted as "other", so a
+# client cannot grow the series count.
+from ._tally import KNOWN_METHODS, Tally
 from .spec import DURATION_BUCKETS, QUEUE_BUCKETS, SIZE_BUCKETS, mp_metrics
 
 log = logging.getLogger("hostsvc.metrics")
 
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
-# Anything else is counted as "other", so a client cannot grow the series count.
-KNOWN_METHODS = frozenset(_COUNTED_METHODS)
 FLUSH_INTERVAL = 0.25      # seconds: the longest an ended request waits to be written
 # Where an app without a status_environ_key of its own has its status line kept.
 STATUS_KEY = "hostsvc.metrics.status"
