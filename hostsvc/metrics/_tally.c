@@ -167,6 +167,14 @@ observe(Hist *h, const Bounds *b, double v)
     h->sum += v;
 }
 
+static void
+zero_histograms(Tally *self)
+{
+    memset(self->duration, 0, sizeof(self->duration));
+    memset(&self->queue, 0, sizeof(self->queue));
+    memset(&self->size, 0, sizeof(self->size));
+}
+
 static inline void
 count_code(Tally *self, int method, int code)
 {
@@ -265,6 +273,28 @@ status_code(PyObject *status)
         code = code * 10 + (int)(c - '0');
     }
     return code >= MIN_CODE ? code : SERVER_ERROR;
+}
+
+/* The status code the app left in the environ under `key` (500 if none). */
+static int
+environ_status_code(PyObject *environ, PyObject *key)
+{
+    PyObject *status = environ_get(environ, key);
+    int code = status_code(status);
+    Py_XDECREF(status);
+    return code;
+}
+
+/* The bytes of one body chunk; 0 for one that is not bytes (the server refuses it). */
+static Py_ssize_t
+chunk_size(PyObject *chunk)
+{
+    Py_ssize_t n = PyBytes_Check(chunk) ? PyBytes_GET_SIZE(chunk) : PyObject_Length(chunk);
+    if (n < 0) {
+        PyErr_Clear();
+        return 0;
+    }
+    return n;
 }
 
 /* The queue time from "t=<unix seconds>" (nginx's $msec): observed, clamped or dropped.
@@ -433,13 +463,8 @@ counting_body_next(CountingBody *self)
     if (self->iterator == NULL && (self->iterator = PyObject_GetIter(self->body)) == NULL)
         return NULL;
     PyObject *chunk = PyIter_Next(self->iterator);
-    if (chunk != NULL) {
-        Py_ssize_t n = PyBytes_Check(chunk) ? PyBytes_GET_SIZE(chunk) : PyObject_Length(chunk);
-        if (n < 0)              /* not bytes: the server will refuse it */
-            PyErr_Clear();
-        else
-            self->size += n;
-    }
+    if (chunk != NULL)
+        self->size += chunk_size(chunk);
     return chunk;
 }
 
@@ -452,10 +477,8 @@ record_body(CountingBody *self)
         return;
     self->done = 1;
     Tally *tally = (Tally *)self->tally;
-    PyObject *status = environ_get(self->environ, tally->status_key);
-    int code = status_code(status);
-    Py_XDECREF(status);
-    record(tally, self->method, code, self->started, self->size);
+    record(tally, self->method, environ_status_code(self->environ, tally->status_key),
+           self->started, self->size);
 }
 
 PyDoc_STRVAR(counting_body_close_doc,
@@ -589,15 +612,8 @@ static Py_ssize_t
 list_body_size(PyObject *body)
 {
     Py_ssize_t total = 0;
-    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(body); i++) {
-        PyObject *chunk = PyList_GET_ITEM(body, i);
-        Py_ssize_t n = PyBytes_Check(chunk) ? PyBytes_GET_SIZE(chunk) : PyObject_Length(chunk);
-        if (n < 0) {            /* not bytes: the server will refuse it */
-            PyErr_Clear();
-            continue;
-        }
-        total += n;
-    }
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(body); i++)
+        total += chunk_size(PyList_GET_ITEM(body, i));   /* re-read: __len__ may shrink it */
     return total;
 }
 
@@ -648,10 +664,7 @@ tally_call(PyObject *callable, PyObject *const *args, size_t nargsf, PyObject *k
     }
     if (PyList_CheckExact(body)) {
         Py_ssize_t size = list_body_size(body);
-        PyObject *status = environ_get(environ, self->status_key);
-        int code = status_code(status);
-        Py_XDECREF(status);
-        record(self, method, code, started, size);
+        record(self, method, environ_status_code(environ, self->status_key), started, size);
         if (after_record(self) < 0)
             Py_CLEAR(body);
         return body;
@@ -739,9 +752,7 @@ tally_take(Tally *self, PyObject *Py_UNUSED(ignored))
     memcpy(t->duration, self->duration, sizeof(self->duration));
     t->queue = self->queue;
     t->size = self->size;
-    memset(self->duration, 0, sizeof(self->duration));
-    memset(&self->queue, 0, sizeof(self->queue));
-    memset(&self->size, 0, sizeof(self->size));
+    zero_histograms(self);
 
     PyObject *counts = PyList_New(0), *durations = PyList_New(0);
     PyObject *queue = NULL, *sizes = NULL, *result = NULL;
@@ -792,9 +803,7 @@ zero(Tally *self)
     self->in_flight_reported = 0;
     memset(self->codes, 0, sizeof(self->codes));
     self->n_touched = 0;
-    memset(self->duration, 0, sizeof(self->duration));
-    memset(&self->queue, 0, sizeof(self->queue));
-    memset(&self->size, 0, sizeof(self->size));
+    zero_histograms(self);
     self->last_header_len = -1;
 }
 
